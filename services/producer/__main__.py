@@ -1,0 +1,63 @@
+"""``python -m services.producer [--key=value ...]``: run one producer replica."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from services.producer.loop import Producer
+from services.producer.provider import load_provider
+from shared.contract import ContractMismatch
+from shared.corpus import CorpusError
+from shared.logs import configure_logging
+from shared.settings import SettingsError, load_settings
+
+log = logging.getLogger("services.producer")
+
+EXIT_CONFIG = 2
+EXIT_CONTRACT = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except SettingsError as exc:
+        print(f"producer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, "producer")
+    log.info(
+        "starting: namespace %s, redis %s, dataset %s, batch %dx%d",
+        settings.namespace,
+        settings.redis_url,
+        settings.dataset,
+        settings.batch_size,
+        settings.block_size,
+    )
+    try:
+        provider = load_provider(settings)
+    except (SettingsError, CorpusError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info(
+            "%s received: finishing the current send, then stopping", signal.Signals(signum).name
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        Producer(settings, provider, stop).run()
+    except ContractMismatch as exc:
+        log.error("%s", exc)
+        return EXIT_CONTRACT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""The Redis Streams transport: keys, connections, bounded adds, consumer-group
+helpers, the dead-letter stream and the shared control keys.
+
+Redis commands stay visible here on purpose; every function is one small step a
+reader can check against the Redis documentation. Works on Redis 6.2 and 7.x.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import BusyLoadingError, ResponseError
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+# Errors after which a service should wait and try again, not die.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    BusyLoadingError,
+)
+
+PAYLOAD_FIELD = b"d"
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    """Every Redis key of one namespace."""
+
+    namespace: str
+
+    def _key(self, name: str) -> str:
+        return f"{self.namespace}:{name}"
+
+    @property
+    def train(self) -> str:
+        return self._key("train")
+
+    @property
+    def val(self) -> str:
+        return self._key("val")
+
+    @property
+    def meta(self) -> str:
+        return self._key("meta")
+
+    @property
+    def dead(self) -> str:
+        return self._key("dead")
+
+    @property
+    def stage(self) -> str:
+        return self._key("stage")
+
+    @property
+    def producer_counter(self) -> str:
+        return self._key("producer:next")
+
+    @property
+    def val_lock(self) -> str:
+        return self._key("val:lock")
+
+    @property
+    def val_done(self) -> str:
+        return self._key("val:done")
+
+    def producer_lease(self, producer_id: int) -> str:
+        return self._key(f"producer:{producer_id}")
+
+    def stream(self, split: str) -> str:
+        return self.train if split == "train" else self.val
+
+
+# --------------------------------------------------------------- connecting
+
+
+def connect(
+    url: str, password: str | None = None, *, block_s: float = 0.0, retries: int = 3
+) -> redis.Redis:
+    """A client whose socket timeout exceeds the longest BLOCK it will issue
+    (redis-py 8 defaults to 5 s, which would break long blocking reads), with
+    jittered retries for short network blips."""
+    return redis.Redis.from_url(
+        url,
+        password=password,
+        socket_timeout=max(10.0, block_s + 5.0),
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+class Backoff:
+    """Jittered exponential backoff for service loops ("full jitter")."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return random.uniform(0, min(self.cap, self.base * 2 ** min(self.failures, 16)))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def wait_for_redis(client: redis.Redis, stop: threading.Event, what: str = "Redis") -> bool:
+    """Block until ``client`` answers PING; False if ``stop`` was set first."""
+    backoff = Backoff()
+    while not stop.is_set():
+        try:
+            client.ping()
+            return True
+        except TRANSIENT_ERRORS as exc:
+            delay = backoff.next_delay()
+            log.warning("%s unavailable (%s); retrying in %.1f s", what, exc, delay)
+            stop.wait(delay)
+    return False
+
+
+# ------------------------------------------------------------ bounded adds
+
+# Adds as many payloads as fit under the bound, atomically with the length
+# check, so any number of producers together never exceed it. MAXLEN is not
+# used: on Redis 7 it silently drops entries no consumer has read.
+_ADD_BOUNDED = """
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
+local added = 0
+for i = 2, #ARGV do
+  if added >= room then break end
+  redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+  added = added + 1
+end
+return added
+"""
+
+
+class BoundedStream:
+    """A stream that refuses to grow beyond ``max_backlog`` entries."""
+
+    def __init__(self, client: redis.Redis, key: str, max_backlog: int) -> None:
+        self.client, self.key, self.max_backlog = client, key, max_backlog
+        self._script = client.register_script(_ADD_BOUNDED)
+
+    def add(self, payloads: list[bytes]) -> int:
+        """Append the longest prefix of ``payloads`` that fits; returns its length."""
+        if not payloads:
+            return 0
+        return int(self._script(keys=[self.key], args=[self.max_backlog, *payloads]))
+
+    def backlog(self) -> int:
+        return int(self.client.xlen(self.key))
+
+
+def add_unbounded(client: redis.Redis, key: str, payloads: list[bytes]) -> list[bytes]:
+    """Pipelined XADD (the fixed validation set; benchmarks' raw baseline)."""
+    pipe = client.pipeline(transaction=False)
+    for payload in payloads:
+        pipe.xadd(key, {PAYLOAD_FIELD: payload})
+    return pipe.execute()
+
+
+# --------------------------------------------------------- consumer groups
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "0") -> bool:
+    """Create ``group`` on ``stream`` (and the stream); False if it existed."""
+    try:
+        client.xgroup_create(stream, group, id=start_id, mkstream=True)
+        return True
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+
+
+def read_new(
+    client: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int | None
+) -> list[Entry]:
+    """Entries never delivered to anyone (XREADGROUP ... >). ``client`` must
+    have a socket timeout above ``block_ms`` (see :func:`connect`)."""
+    reply = client.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+    return _entries(reply)
+
+
+def read_own_pending(
+    client: redis.Redis, stream: str, group: str, consumer: str, count: int, after: str = "0"
+) -> list[Entry]:
+    """Entries delivered to ``consumer`` and not acked yet, oldest first.
+    Entries deleted meanwhile come back with empty fields."""
+    reply = client.xreadgroup(group, consumer, {stream: after}, count=count)
+    return _entries(reply)
+
+
+def autoclaim(
+    client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+) -> Iterator[Entry]:
+    """Take over entries idle for ``min_idle_ms`` in other consumers' pending
+    lists (XAUTOCLAIM, cursor loop). Redis 6.2 replies [cursor, entries];
+    7.x adds the ids of deleted entries, which 7.x also drops from the PEL."""
+    cursor = "0-0"
+    while True:
+        reply = client.xautoclaim(stream, group, consumer, min_idle_ms, cursor, count=count)
+        cursor = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        for entry_id, fields in reply[1]:
+            yield entry_id, fields or {}
+        if cursor == "0-0":
+            return
+
+
+def reclaim(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    count: int = 100,
+) -> Iterator[Entry]:
+    """What a restarted consumer must process before new entries: its own
+    pending list first, then idle entries of consumers that are gone."""
+    after = "0"
+    while True:
+        own = read_own_pending(client, stream, group, consumer, count, after)
+        if not own:
+            break
+        yield from own
+        after = own[-1][0].decode()
+    yield from autoclaim(client, stream, group, consumer, min_idle_ms, count)
+
+
+def ack_and_delete(client: redis.Redis, stream: str, group: str, ids: list[bytes]) -> int:
+    """XACK then XDEL in one MULTI, so the stream's length is the backlog.
+    Returns how many were acked by this call."""
+    if not ids:
+        return 0
+    pipe = client.pipeline(transaction=True)
+    pipe.xack(stream, group, *ids)
+    pipe.xdel(stream, *ids)
+    acked, _deleted = pipe.execute()
+    return int(acked)
+
+
+def pending_count(client: redis.Redis, stream: str, group: str) -> int:
+    try:
+        return int(client.xpending(stream, group)["pending"])
+    except ResponseError as exc:
+        if "NOGROUP" in str(exc):
+            return 0
+        raise
+
+
+# --------------------------------------------------------------- dead letters
+
+
+def dead_letter(
+    client: redis.Redis,
+    keys: StreamKeys,
+    *,
+    source: str,
+    entry_id: bytes | str,
+    fields: dict[bytes, bytes],
+    reason: str,
+    detail: str,
+    maxlen: int,
+    group: str | None = None,
+) -> None:
+    """Copy a bad entry to the dead-letter stream with its reason, then (for a
+    consumer group) ack and delete the original so nobody trains on it."""
+    record: dict[str | bytes, Any] = {
+        "reason": reason,
+        "detail": detail[:1000],
+        "source": source,
+        "id": entry_id,
+    }
+    for name, value in fields.items():
+        record[b"field:" + (name if isinstance(name, bytes) else str(name).encode())] = value
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd(keys.dead, record, maxlen=maxlen, approximate=True)
+    if group is not None:
+        pipe.xack(source, group, entry_id)
+        pipe.xdel(source, entry_id)
+    pipe.execute()
+    log.warning("dead-lettered %s %s: %s (%s)", source, entry_id, reason, detail[:200])
+
+
+# ------------------------------------------------------------- control keys
+
+
+def read_active_stage(client: redis.Redis, keys: StreamKeys) -> int:
+    value = client.get(keys.stage)
+    try:
+        return max(0, int(value)) if value is not None else 0
+    except ValueError:
+        log.warning("ignoring non-integer active stage %r in %s", value, keys.stage)
+        return 0
+
+
+def publish_active_stage(client: redis.Redis, keys: StreamKeys, stage: int) -> None:
+    client.set(keys.stage, int(stage))
+
+
+_RENEW_LEASE = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local next_id = tonumber(redis.call('GET', KEYS[2]) or '0')
+if next_id < tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[3]) end
+return 1
+"""
+
+
+class ProducerLease:
+    """A producer id held through a key with a TTL.
+
+    Ids come from INCR, so replicas get unique ids with no configuration. The
+    lease is renewed periodically; renewal also pushes the counter past the id,
+    so a Redis that lost its data cannot hand the same id to a newcomer once
+    the holder has renewed. If renewal finds another owner, the holder must take
+    a new id (``renew`` returns False)."""
+
+    def __init__(self, client: redis.Redis, keys: StreamKeys, token: str, ttl_ms: int) -> None:
+        self.client, self.keys, self.token, self.ttl_ms = client, keys, token, ttl_ms
+        self._renew = client.register_script(_RENEW_LEASE)
+        self.producer_id: int | None = None
+
+    def acquire(self, wanted: int | None = None) -> int:
+        if wanted is not None:
+            if not self._try(wanted):
+                raise RuntimeError(
+                    f"producer_id {wanted} is held by another live producer; "
+                    "unset producer_id to get one allocated"
+                )
+            self.producer_id = wanted
+            return wanted
+        while True:
+            candidate = int(self.client.incr(self.keys.producer_counter)) - 1
+            if self.client.set(
+                self.keys.producer_lease(candidate), self.token, nx=True, px=self.ttl_ms
+            ):
+                self.producer_id = candidate
+                return candidate
+
+    def _try(self, producer_id: int) -> bool:
+        return bool(
+            self._renew(
+                keys=[self.keys.producer_lease(producer_id), self.keys.producer_counter],
+                args=[self.token, self.ttl_ms, producer_id + 1],
+            )
+        )
+
+    def renew(self) -> bool:
+        assert self.producer_id is not None
+        return self._try(self.producer_id)
+
+    def release(self) -> None:
+        if self.producer_id is None:
+            return
+        key = self.keys.producer_lease(self.producer_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.watch(key)
+        if pipe.get(key) == self.token.encode():
+            pipe.multi()
+            pipe.delete(key)
+            pipe.execute()
+        else:
+            pipe.reset()
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """Flatten an XREADGROUP reply ([[stream, [(id, fields), ...]], ...]; the
+    clients of :func:`connect` speak RESP2) to a list of entries."""
+    out: list[Entry] = []
+    for _name, entries in reply or ():
+        for entry_id, fields in entries:
+            out.append((entry_id, fields or {}))
+    return out

