@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import redis
+import redis.connection
 
 from shared.codec import TensorSpec
 from shared.streams import StreamKeys
@@ -101,6 +102,37 @@ def check_meta(keys: StreamKeys, stored: dict[str, Any], ours: dict[str, Any]) -
             f"fingerprint: {stored.get('fingerprint')} -> {ours.get('fingerprint')}"
         ]
         raise ContractMismatch(keys.meta, diff)
+
+
+class ContractGuard:
+    """A redis-py connect hook (``connect(..., on_connect=guard)``).
+
+    On every (re)connection, before the connection serves any other command,
+    it writes the contract if the server has none (a Redis that restarted
+    empty) and refuses a server that holds another one. So a producer that
+    reconnects behind redis-py's back can never add entries to a namespace
+    without its contract, or to someone else's. ``connections`` counts them,
+    which tells the owner to restore the rest of its state."""
+
+    def __init__(self, keys: StreamKeys, meta: dict[str, Any]) -> None:
+        self.keys, self.meta = keys, meta
+        self.payload = json.dumps(meta, ensure_ascii=False)
+        self.connections = 0
+
+    def __call__(self, connection: redis.connection.AbstractConnection) -> None:
+        connection.on_connect()
+        connection.send_command("SET", self.keys.meta, self.payload, "NX")
+        connection.read_response()
+        connection.send_command("GET", self.keys.meta)
+        raw = connection.read_response()
+        try:
+            stored = json.loads(raw)
+        except (TypeError, ValueError):
+            stored = {"fingerprint": None}
+        if not isinstance(stored, dict) or stored.get("fingerprint") != self.meta["fingerprint"]:
+            connection.disconnect()
+            check_meta(self.keys, stored if isinstance(stored, dict) else {}, self.meta)
+        self.connections += 1
 
 
 def read_meta(client: redis.Redis, keys: StreamKeys) -> dict[str, Any] | None:

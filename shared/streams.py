@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,11 @@ class StreamKeys:
         return self._key("producer:next")
 
     @property
+    def produced(self) -> str:
+        """Hash: producer id -> last sequence number added to the train stream."""
+        return self._key("train:produced")
+
+    @property
     def val_lock(self) -> str:
         return self._key("val:lock")
 
@@ -85,13 +90,21 @@ class StreamKeys:
 
 
 def connect(
-    url: str, password: str | None = None, *, block_s: float = 0.0, retries: int = 3
+    url: str,
+    password: str | None = None,
+    *,
+    block_s: float = 0.0,
+    retries: int = 3,
+    on_connect: Callable[[Any], None] | None = None,
 ) -> redis.Redis:
     """A client whose socket timeout exceeds the longest BLOCK it will issue
     (redis-py 8 defaults to 5 s, which would break long blocking reads), with
-    jittered retries for short network blips."""
+    jittered retries for short network blips. ``on_connect`` replaces the
+    connection handshake (it must call ``connection.on_connect()``) and runs on
+    every new connection, reconnections included."""
     return redis.Redis.from_url(
         url,
+        redis_connect_func=on_connect,
         password=password,
         socket_timeout=max(10.0, block_s + 5.0),
         socket_connect_timeout=5.0,
@@ -135,30 +148,58 @@ def wait_for_redis(client: redis.Redis, stop: threading.Event, what: str = "Redi
 # Adds as many payloads as fit under the bound, atomically with the length
 # check, so any number of producers together never exceed it. MAXLEN is not
 # used: on Redis 7 it silently drops entries no consumer has read.
+#
+# With a producer id, the script also records the producer's last sequence
+# number in a hash and skips payloads it already holds, so a producer that
+# re-sends after a lost reply (the add ran, the answer did not arrive) never
+# duplicates a batch. The hash also tells consumers how much each producer made.
 _ADD_BOUNDED = """
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
-local added = 0
-for i = 2, #ARGV do
-  if added >= room then break end
-  redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
-  added = added + 1
+local first = 4
+if ARGV[2] ~= '' then
+  local last = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1')
+  first = 4 + math.max(0, last - tonumber(ARGV[3]) + 1)
 end
-return added
+local taken = first - 4
+for i = first, #ARGV do
+  if room <= 0 then break end
+  redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+  room = room - 1
+  taken = taken + 1
+end
+if ARGV[2] ~= '' and taken > 0 then
+  local last_seq = tonumber(ARGV[3]) + taken - 1
+  if last_seq > tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1') then
+    redis.call('HSET', KEYS[2], ARGV[2], last_seq)
+  end
+end
+return taken
 """
 
 
 class BoundedStream:
     """A stream that refuses to grow beyond ``max_backlog`` entries."""
 
-    def __init__(self, client: redis.Redis, key: str, max_backlog: int) -> None:
+    def __init__(
+        self, client: redis.Redis, key: str, max_backlog: int, sequences_key: str | None = None
+    ) -> None:
         self.client, self.key, self.max_backlog = client, key, max_backlog
+        self.sequences_key = sequences_key or f"{key}:produced"
         self._script = client.register_script(_ADD_BOUNDED)
 
-    def add(self, payloads: list[bytes]) -> int:
-        """Append the longest prefix of ``payloads`` that fits; returns its length."""
+    def add(self, payloads: list[bytes], producer: int | None = None, first_seq: int = 0) -> int:
+        """Append the longest prefix of ``payloads`` that fits; returns its
+        length. With ``producer``, payloads are sequence numbers ``first_seq``,
+        ``first_seq + 1``, ...; ones already added count as taken, not re-added."""
         if not payloads:
             return 0
-        return int(self._script(keys=[self.key], args=[self.max_backlog, *payloads]))
+        producer_arg = "" if producer is None else str(producer)
+        return int(
+            self._script(
+                keys=[self.key, self.sequences_key],
+                args=[self.max_backlog, producer_arg, first_seq, *payloads],
+            )
+        )
 
     def backlog(self) -> int:
         return int(self.client.xlen(self.key))
@@ -215,7 +256,7 @@ def autoclaim(
         reply = client.xautoclaim(stream, group, consumer, min_idle_ms, cursor, count=count)
         cursor = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         for entry_id, fields in reply[1]:
-            yield entry_id, fields or {}
+            yield entry_id, fields or {}  # entry_id is None for a deleted entry on 6.2
         if cursor == "0-0":
             return
 
@@ -230,14 +271,28 @@ def reclaim(
 ) -> Iterator[Entry]:
     """What a restarted consumer must process before new entries: its own
     pending list first, then idle entries of consumers that are gone."""
-    after = "0"
-    while True:
-        own = read_own_pending(client, stream, group, consumer, count, after)
-        if not own:
-            break
-        yield from own
-        after = own[-1][0].decode()
-    yield from autoclaim(client, stream, group, consumer, min_idle_ms, count)
+    seen: set[bytes] = set()
+
+    def own_pending() -> Iterator[Entry]:
+        after = "0"
+        while own := read_own_pending(client, stream, group, consumer, count, after):
+            for entry in own:
+                if entry[0] not in seen:
+                    seen.add(entry[0])
+                    yield entry
+            after = own[-1][0].decode()
+
+    yield from own_pending()
+    unnamed = 0
+    for entry in autoclaim(client, stream, group, consumer, min_idle_ms, count):
+        if entry[0] is None:
+            unnamed += 1  # Redis 6.2: a deleted entry, claimed but not named
+        elif entry[0] not in seen:  # XAUTOCLAIM may return our own entries too
+            seen.add(entry[0])
+            yield entry
+    if unnamed:
+        # They are in our pending list now, where XREADGROUP shows their ids.
+        yield from own_pending()
 
 
 def ack_and_delete(client: redis.Redis, stream: str, group: str, ids: list[bytes]) -> int:

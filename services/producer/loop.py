@@ -18,7 +18,7 @@ import redis
 
 from services.producer.provider import Provider
 from shared.codec import Batch, encode
-from shared.contract import check_meta, make_meta, publish_meta, read_meta
+from shared.contract import ContractGuard, check_meta, make_meta, publish_meta, read_meta
 from shared.masking import StageCycle
 from shared.settings import Settings
 from shared.streams import (
@@ -100,13 +100,19 @@ class Producer:
         self.keys = StreamKeys(settings.namespace)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         password = settings.redis_password.get_secret_value() if settings.redis_password else None
-        self.client = connect(settings.redis_url, password)
+        # No silent retries inside redis-py: a lost connection must reach run(),
+        # which re-checks the contract before anything else is written.
         self.meta = make_meta(contract_of(settings, provider), self.token)
         self.fingerprint: str = self.meta["fingerprint"]
+        self.guard = ContractGuard(self.keys, self.meta)
+        self.client = connect(settings.redis_url, password, retries=0, on_connect=self.guard)
+        self._connections_seen = 0
         self.train_stages = provider.stage_count("train")
         self.tokens_per_batch = settings.batch_size * settings.block_size
         self.lease = ProducerLease(self.client, self.keys, self.token, LEASE_TTL_MS)
-        self.stream = BoundedStream(self.client, self.keys.train, settings.max_backlog)
+        self.stream = BoundedStream(
+            self.client, self.keys.train, settings.max_backlog, self.keys.produced
+        )
         self._release = self.client.register_script(_RELEASE_IF_OWNER)
         self.maker: BatchMaker | None = None
         self.seq = 0
@@ -138,6 +144,7 @@ class Producer:
     def _setup(self) -> None:
         """(Re)establish what this producer needs in Redis. Runs at start and
         after every reconnect: a restarted Redis may have lost everything."""
+        self._connections_seen = self.guard.connections
         publish_meta(self.client, self.keys, self.meta)
         if self.maker is None or not self.lease.renew():
             if self.maker is not None:
@@ -163,8 +170,7 @@ class Producer:
     def _shutdown(self) -> None:
         try:
             if self.pending and self.maker is not None:
-                sent = self.stream.add(list(self.pending))
-                for _ in range(sent):
+                for _ in range(self._send()):
                     self.pending.popleft()
                     self.sent_total += 1
             if self.pending:
@@ -205,7 +211,10 @@ class Producer:
             while len(self.pending) < s.send_batch and not self.stop.is_set():
                 self._throttle()
                 self.pending.append(self._make_next())
-            sent = self.stream.add(list(self.pending))
+            sent = self._send()
+            if self.guard.connections != self._connections_seen:
+                log.warning("reconnected to Redis; restoring this producer's state")
+                self._setup()
             for _ in range(sent):
                 stats.bytes += len(self.pending.popleft())
             stats.batches += sent
@@ -217,6 +226,12 @@ class Producer:
                 wait = min(wait * 2, 0.05)
             else:
                 wait = 0.001
+
+    def _send(self) -> int:
+        """Offer every pending payload; returns how many the stream took."""
+        assert self.maker is not None
+        first_seq = self.seq - len(self.pending)
+        return self.stream.add(list(self.pending), self.maker.producer_id, first_seq)
 
     def _make_next(self) -> bytes:
         assert self.maker is not None

