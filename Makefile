@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format bench bench-producer producer clean
+.PHONY: help install demo test test-fast lint format bench bench-producer producer clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[trainer,embedded,dev]"
 	@touch $@
+
+demo: install ## the pipeline on this machine: private Redis, 2 producers, a reader (CORPUS_PATH=file.txt for a local corpus)
+	$(PY) -m services.local --preset=char_diffusion --local_seconds=30 $(ARGS)
 
 test: install ## run every test (real redis-server; slow ones included)
 	$(PY) -m pytest $(PYTEST_ARGS)

