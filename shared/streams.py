@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,11 @@ class StreamKeys:
     def produced(self) -> str:
         """Hash: producer id -> last sequence number added to the train stream."""
         return self._key("train:produced")
+
+    @property
+    def reserved(self) -> str:
+        """Hash: producer id -> "count:expiry_ms" of its reservation in flight."""
+        return self._key("train:reserved")
 
     @property
     def val_lock(self) -> str:
@@ -145,61 +151,132 @@ def wait_for_redis(client: redis.Redis, stop: threading.Event, what: str = "Redi
 
 # ------------------------------------------------------------ bounded adds
 
-# Adds as many payloads as fit under the bound, atomically with the length
-# check, so any number of producers together never exceed it. MAXLEN is not
-# used: on Redis 7 it silently drops entries no consumer has read.
-#
-# With a producer id, the script also records the producer's last sequence
-# number in a hash and skips payloads it already holds, so a producer that
-# re-sends after a lost reply (the add ran, the answer did not arrive) never
-# duplicates a batch. The hash also tells consumers how much each producer made.
-_ADD_BOUNDED = """
-local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
-local first = 4
-if ARGV[2] ~= '' then
-  local last = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1')
-  first = 4 + math.max(0, last - tonumber(ARGV[3]) + 1)
-end
-local taken = first - 4
-for i = first, #ARGV do
-  if room <= 0 then break end
-  redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
-  room = room - 1
-  taken = taken + 1
-end
-if ARGV[2] ~= '' and taken > 0 then
-  local last_seq = tonumber(ARGV[3]) + taken - 1
-  if last_seq > tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1') then
-    redis.call('HSET', KEYS[2], ARGV[2], last_seq)
+# Backpressure without MAXLEN (on Redis 7 it silently drops entries no consumer
+# has read). A producer reserves room with this script, atomically against XLEN
+# and every other producer's live reservation, and appends at most that many
+# entries with plain XADDs (payloads never pass through Lua, which would copy
+# them twice). So the stream never holds more than ``max_backlog`` entries,
+# whatever the number of producers. The script also reads the producer's last
+# added sequence number, so a send repeated after a lost reply skips what is
+# already there instead of duplicating it. A reservation expires after ARGV[5]
+# ms, so a producer that dies holding one frees its room.
+_RESERVE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local wanted = tonumber(ARGV[4])
+local last = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1')
+local skip = math.min(wanted, math.max(0, last - tonumber(ARGV[3]) + 1))
+local held = 0
+local holds = redis.call('HGETALL', KEYS[3])
+for i = 1, #holds, 2 do
+  if holds[i] ~= ARGV[2] then
+    local count, expiry = string.match(holds[i + 1], '^(%d+):(%d+)$')
+    if count == nil or tonumber(expiry) < now then
+      redis.call('HDEL', KEYS[3], holds[i])
+    else
+      held = held + tonumber(count)
+    end
   end
 end
-return taken
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1]) - held
+local grant = math.max(0, math.min(wanted - skip, room))
+if grant > 0 then
+  redis.call('HSET', KEYS[3], ARGV[2], grant .. ':' .. (now + tonumber(ARGV[5])))
+else
+  redis.call('HDEL', KEYS[3], ARGV[2])
+end
+return {skip, grant}
 """
+
+RESERVATION_TTL_MS = 30_000
 
 
 class BoundedStream:
-    """A stream that refuses to grow beyond ``max_backlog`` entries."""
+    """A stream that never holds more than ``max_backlog`` entries.
+
+    ``produced_key`` (hash) records each producer's last added sequence number;
+    ``reserved_key`` (hash) holds reservations in flight. A send is one round
+    trip in the steady state: the MULTI that appends a chunk also reserves room
+    for the next one, so only the first send, a send after an error, and sends
+    while the stream is full pay a separate reservation."""
 
     def __init__(
-        self, client: redis.Redis, key: str, max_backlog: int, sequences_key: str | None = None
+        self,
+        client: redis.Redis,
+        key: str,
+        max_backlog: int,
+        *,
+        produced_key: str,
+        reserved_key: str,
     ) -> None:
         self.client, self.key, self.max_backlog = client, key, max_backlog
-        self.sequences_key = sequences_key or f"{key}:produced"
-        self._script = client.register_script(_ADD_BOUNDED)
+        self.produced_key, self.reserved_key = produced_key, reserved_key
+        self._reserve = client.register_script(_RESERVE)
+        # Room reserved ahead for (producer, first sequence number) at a time.
+        self._ahead: tuple[int, int] | None = None
+        self._ahead_grant = 0
+        self._ahead_at = 0.0
 
-    def add(self, payloads: list[bytes], producer: int | None = None, first_seq: int = 0) -> int:
-        """Append the longest prefix of ``payloads`` that fits; returns its
-        length. With ``producer``, payloads are sequence numbers ``first_seq``,
-        ``first_seq + 1``, ...; ones already added count as taken, not re-added."""
+    def _reservation(self, producer: int, first_seq: int, wanted: int) -> tuple[int, int]:
+        """(skip, grant): how many of ``wanted`` payloads from ``first_seq`` the
+        stream already holds, and how many more it has room for now."""
+        fresh = time.monotonic() - self._ahead_at < RESERVATION_TTL_MS / 2000
+        if self._ahead == (producer, first_seq) and self._ahead_grant and fresh:
+            return 0, min(self._ahead_grant, wanted)
+        skip, grant = self._reserve(
+            keys=[self.key, self.produced_key, self.reserved_key],
+            args=[self.max_backlog, producer, first_seq, wanted, RESERVATION_TTL_MS],
+        )
+        return int(skip), int(grant)
+
+    def add(self, payloads: list[bytes], producer: int, first_seq: int) -> int:
+        """Append the longest prefix of ``payloads`` (sequence numbers
+        ``first_seq``, ``first_seq + 1``, ... of ``producer``) that fits.
+        Returns how many of them the stream now holds, counting ones a previous
+        call already added."""
         if not payloads:
             return 0
-        producer_arg = "" if producer is None else str(producer)
-        return int(
-            self._script(
-                keys=[self.key, self.sequences_key],
-                args=[self.max_backlog, producer_arg, first_seq, *payloads],
-            )
+        skip, grant = self._reservation(producer, first_seq, len(payloads))
+        self._ahead = None  # consumed or stale from here on
+        if not grant:
+            return skip
+        next_seq = first_seq + skip + grant
+        pipe = self.client.pipeline(transaction=True)
+        for payload in payloads[skip : skip + grant]:
+            pipe.xadd(self.key, {PAYLOAD_FIELD: payload})
+        pipe.hset(self.produced_key, str(producer), next_seq - 1)
+        # Reserve for the next chunk (assumed the same size) in the same MULTI.
+        # EVAL, not a registered script: redis-py would add a SCRIPT EXISTS
+        # round trip to every pipeline that runs one.
+        pipe.eval(
+            _RESERVE,
+            3,
+            self.key,
+            self.produced_key,
+            self.reserved_key,
+            self.max_backlog,
+            producer,
+            next_seq,
+            len(payloads),
+            RESERVATION_TTL_MS,
         )
+        _skip, ahead = pipe.execute()[-1]
+        self._ahead, self._ahead_grant, self._ahead_at = (
+            (producer, next_seq),
+            int(ahead),
+            time.monotonic(),
+        )
+        return skip + grant
+
+    def release(self, producer: int) -> None:
+        """Give back room reserved ahead (on shutdown)."""
+        self._ahead = None
+        self.client.hdel(self.reserved_key, str(producer))
+
+    def last_seq(self, producer: int) -> int:
+        """The last sequence number ``producer`` added (-1: none)."""
+        value = self.client.hget(self.produced_key, str(producer))
+        return int(value) if value is not None else -1
 
     def backlog(self) -> int:
         return int(self.client.xlen(self.key))

@@ -35,29 +35,81 @@ def message(seq: int, fp: str = FP, shape=(2, 8)) -> bytes:
     return encode(Batch(fp, "train", 0, 0, seq, tensors))
 
 
+def bounded(client, bound: int) -> BoundedStream:
+    return BoundedStream(
+        client, KEYS.train, bound, produced_key=KEYS.produced, reserved_key=KEYS.reserved
+    )
+
+
 def test_bounded_add_stops_at_the_bound(redis_server):
     client = connect(redis_server.url)
-    stream = BoundedStream(client, KEYS.train, max_backlog=4)
-    assert stream.add([message(i) for i in range(10)]) == 4
-    assert stream.add([message(10)]) == 0
-    assert stream.backlog() == 4
+    stream = bounded(client, 4)
+    assert stream.add([message(i) for i in range(10)], producer=0, first_seq=0) == 4
+    assert stream.add([message(i) for i in range(4, 10)], producer=0, first_seq=4) == 0
+    assert stream.backlog() == 4 and stream.last_seq(0) == 3
     oldest = client.xrange(KEYS.train, count=1)[0][0]
     client.xdel(KEYS.train, oldest)
-    assert stream.add([message(11), message(12)]) == 1
+    assert stream.add([message(4), message(5)], producer=0, first_seq=4) == 1
     assert stream.backlog() == 4
+    assert [decode_seq(f) for _, f in client.xrange(KEYS.train)] == [1, 2, 3, 4]
+    assert client.hlen(KEYS.reserved) == 0  # a full stream leaves nothing to reserve ahead
+
+
+def test_room_is_reserved_ahead_and_released(redis_server):
+    client = connect(redis_server.url)
+    stream, other = bounded(client, 10), bounded(connect(redis_server.url), 10)
+    assert stream.add([message(i) for i in range(4)], producer=0, first_seq=0) == 4
+    # Producer 0 now holds room for its next 4 entries: producer 1 gets the rest.
+    assert client.hget(KEYS.reserved, "0").startswith(b"4:")
+    assert other.add([message(i) for i in range(4)], producer=1, first_seq=0) == 2
+    assert stream.add([message(i) for i in range(4, 8)], producer=0, first_seq=4) == 4
+    assert client.xlen(KEYS.train) == 10
+    stream.release(0)
+    other.release(1)
+    assert client.hlen(KEYS.reserved) == 0
+
+
+def decode_seq(fields) -> int:
+    from shared.codec import decode
+
+    return decode(fields[PAYLOAD_FIELD]).seq
+
+
+def test_resending_after_a_lost_reply_adds_nothing_twice(redis_server):
+    client = connect(redis_server.url)
+    stream = bounded(client, 100)
+    batch = [message(i) for i in range(5, 10)]
+    assert stream.add(batch, producer=3, first_seq=5) == 5
+    # The same send again (its reply was lost), and one overlapping it.
+    assert stream.add(batch, producer=3, first_seq=5) == 5
+    assert stream.add([message(i) for i in range(8, 12)], producer=3, first_seq=8) == 4
+    assert [decode_seq(f) for _, f in client.xrange(KEYS.train)] == list(range(5, 12))
+    # An older sequence entirely: all of it counts as taken, none is re-added.
+    assert stream.add([message(0), message(1)], producer=3, first_seq=0) == 2
+    assert client.xlen(KEYS.train) == 7
+
+
+def test_live_reservations_hold_room_and_dead_ones_expire(redis_server):
+    client = connect(redis_server.url)
+    stream = bounded(client, 10)
+    far_future, past = 2**45, 1
+    client.hset(KEYS.reserved, mapping={"7": f"6:{far_future}", "8": f"3:{past}"})
+    # Producer 7 holds 6 slots in flight; producer 8's reservation has expired.
+    assert stream.add([message(i) for i in range(10)], producer=0, first_seq=0) == 4
+    assert client.hkeys(KEYS.reserved) == [b"7"]
 
 
 def test_bounded_add_holds_with_concurrent_producers(redis_server):
     bound, added = 50, []
 
-    def produce() -> None:
-        stream = BoundedStream(connect(redis_server.url), KEYS.train, max_backlog=bound)
+    def produce(producer: int) -> None:
+        stream = bounded(connect(redis_server.url), bound)
         total = 0
         for i in range(40):
-            total += stream.add([message(i)] * 3)
+            total += stream.add([message(i)] * 3, producer=producer, first_seq=total)
         added.append(total)
 
-    threads = [threading.Thread(target=produce) for _ in range(3)]
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -111,7 +111,11 @@ class Producer:
         self.tokens_per_batch = settings.batch_size * settings.block_size
         self.lease = ProducerLease(self.client, self.keys, self.token, LEASE_TTL_MS)
         self.stream = BoundedStream(
-            self.client, self.keys.train, settings.max_backlog, self.keys.produced
+            self.client,
+            self.keys.train,
+            settings.max_backlog,
+            produced_key=self.keys.produced,
+            reserved_key=self.keys.reserved,
         )
         self._release = self.client.register_script(_RELEASE_IF_OWNER)
         self.maker: BatchMaker | None = None
@@ -155,7 +159,8 @@ class Producer:
             self.maker = BatchMaker(
                 self.provider, self.fingerprint, self.settings.seed, producer_id, "train"
             )
-            self.seq = 0
+            # A fixed producer_id restarting goes on after its last batch.
+            self.seq = self.stream.last_seq(producer_id) + 1
             self.pending.clear()
             log.info(
                 "producer %d ready: fingerprint %s, %d training stage(s), max_backlog %d",
@@ -173,6 +178,8 @@ class Producer:
                 for _ in range(self._send()):
                     self.pending.popleft()
                     self.sent_total += 1
+            if self.maker is not None:
+                self.stream.release(self.maker.producer_id)
             if self.pending:
                 first = self.seq - len(self.pending)
                 log.info(
