@@ -173,3 +173,55 @@ def check_batch(batch: dict[str, torch.Tensor], stage: AnyStage, mask_id: int) -
             raise AssertionError("baseline sticky selection misses its exact target")
     if isinstance(stage, SpanStage) and not bool((x[mask] == mask_id).all()):
         raise AssertionError("baseline spans are not all [MASK]")
+
+
+class PerTokenReferenceProducer(TorchReferenceProducer):
+    """The reference design as its issue describes it: a torch provider that
+    masks text in per-token Python loops (a sticky round visits every position
+    and reads its random draw with ``.item()``; BERT corruption decides token by
+    token). Same stages, semantics, tensors and ``.pt`` files as the parent."""
+
+    def _sticky(self, spec: StickyStage) -> torch.Tensor:
+        length, g = self.block_size, self.generator
+        target = min(length, math.ceil(spec.target_masked_ratio * length - 1e-9))
+        selected = torch.zeros(length, dtype=torch.bool)
+        count = 0
+        for _ in range(STICKY_MAX_ROUNDS):
+            if count >= target:
+                break
+            draws = torch.rand(length, generator=g)
+            joins = []
+            for i in range(length):
+                if selected[i]:
+                    continue
+                neighbour = (i > 0 and bool(selected[i - 1])) or (
+                    i + 1 < length and bool(selected[i + 1])
+                )
+                threshold = spec.p2_probability if neighbour else spec.p1_probability
+                if draws[i].item() < threshold:
+                    joins.append(i)
+            if len(joins) > target - count:
+                order = torch.randperm(len(joins), generator=g)[: target - count].tolist()
+                joins = [joins[k] for k in order]
+            for i in joins:
+                selected[i] = True
+            count += len(joins)
+        if count < target:
+            free = (~selected).nonzero().squeeze(1)
+            selected[free[torch.randperm(free.numel(), generator=g)[: target - count]]] = True
+        return selected
+
+    def _corrupt(
+        self, sequence: torch.Tensor, selected: torch.Tensor, outright: bool
+    ) -> torch.Tensor:
+        x = sequence.clone()
+        for i in selected.nonzero().squeeze(1).tolist():
+            if outright:
+                x[i] = self.mask_id
+                continue
+            u = torch.rand(1, generator=self.generator).item()
+            if u < 0.8:
+                x[i] = self.mask_id
+            elif u < 0.9:
+                x[i] = int(torch.randint(0, self.n_real, (1,), generator=self.generator))
+        return x

@@ -22,7 +22,12 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import tomllib
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from shared.masking import AnyStage, BernoulliStage, Stage
 
@@ -182,6 +187,22 @@ _preset_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Cont
 )
 
 
+_environ: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "environ", default=None
+)
+
+
+class _EnvSource(EnvSettingsSource):
+    """The process environment, or the mapping handed to ``load_settings``."""
+
+    def _load_env_vars(self) -> dict[str, str | None]:
+        mapping = _environ.get()
+        if mapping is None:
+            return dict(super()._load_env_vars())
+        # Keys are case-insensitive and "null" means None, as for os.environ.
+        return {key.lower(): None if value == "null" else value for key, value in mapping.items()}
+
+
 class _PresetSource(PydanticBaseSettingsSource):
     """Values of the preset file chosen by ``load_settings``."""
 
@@ -205,7 +226,7 @@ class Settings(
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: command line (passed as init kwargs), environment, preset.
-        return init_settings, env_settings, _PresetSource(settings_cls)
+        return init_settings, _EnvSource(settings_cls), _PresetSource(settings_cls)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -350,7 +371,7 @@ def load_settings(
 ) -> Settings:
     """Build the settings from preset, environment and ``argv`` overrides.
 
-    ``env`` replaces ``os.environ`` for the duration of the call (tests).
+    ``env``, when given, is read instead of ``os.environ``.
     """
     argv = sys.argv[1:] if argv is None else argv
     overrides, wants_help = parse_cli(argv)
@@ -360,22 +381,16 @@ def load_settings(
     environ = os.environ if env is None else env
     preset_name = overrides.get("preset") or environ.get("PRESET") or environ.get("preset")
     preset_values = read_preset(resolve_preset(preset_name)) if preset_name else {}
-    token = _preset_values.set(preset_values)
-    saved_environ = None
-    if env is not None:
-        saved_environ = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(env)
+    preset_token = _preset_values.set(preset_values)
+    environ_token = _environ.set(None if env is None else dict(env))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         lines = "\n".join(_describe(e) for e in exc.errors())
         raise SettingsError(f"invalid settings:\n{lines}") from None
     finally:
-        _preset_values.reset(token)
-        if saved_environ is not None:
-            os.environ.clear()
-            os.environ.update(saved_environ)
+        _preset_values.reset(preset_token)
+        _environ.reset(environ_token)
 
 
 def help_text() -> str:

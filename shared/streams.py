@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,10 @@ _RESERVE = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local wanted = tonumber(ARGV[4])
+if ARGV[6] == 'commit' then
+  -- Called right after this producer's XADDs, in their MULTI: record them.
+  redis.call('HSET', KEYS[2], ARGV[2], tonumber(ARGV[3]) - 1)
+end
 local last = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1')
 local skip = math.min(wanted, math.max(0, last - tonumber(ARGV[3]) + 1))
 local held = 0
@@ -225,7 +229,7 @@ class BoundedStream:
             return 0, min(self._ahead_grant, wanted)
         skip, grant = self._reserve(
             keys=[self.key, self.produced_key, self.reserved_key],
-            args=[self.max_backlog, producer, first_seq, wanted, RESERVATION_TTL_MS],
+            args=[self.max_backlog, producer, first_seq, wanted, RESERVATION_TTL_MS, ""],
         )
         return int(skip), int(grant)
 
@@ -244,12 +248,11 @@ class BoundedStream:
         pipe = self.client.pipeline(transaction=True)
         for payload in payloads[skip : skip + grant]:
             pipe.xadd(self.key, {PAYLOAD_FIELD: payload})
-        pipe.hset(self.produced_key, str(producer), next_seq - 1)
-        # Reserve for the next chunk (assumed the same size) in the same MULTI.
-        # EVAL, not a registered script: redis-py would add a SCRIPT EXISTS
-        # round trip to every pipeline that runs one.
-        pipe.eval(
-            _RESERVE,
+        # Record them and reserve for the next chunk (assumed the same size) in
+        # the same MULTI. EVALSHA by hand: redis-py would add a SCRIPT EXISTS
+        # round trip to every pipeline that runs a registered script.
+        pipe.evalsha(
+            self._reserve.sha,
             3,
             self.key,
             self.produced_key,
@@ -259,8 +262,19 @@ class BoundedStream:
             next_seq,
             len(payloads),
             RESERVATION_TTL_MS,
+            "commit",
         )
-        _skip, ahead = pipe.execute()[-1]
+        results = pipe.execute(raise_on_error=False)
+        if isinstance(results[-1], NoScriptError):  # a restarted Redis: the XADDs did happen
+            self._reserve(
+                keys=[self.key, self.produced_key, self.reserved_key],
+                args=[self.max_backlog, producer, next_seq, 0, RESERVATION_TTL_MS, "commit"],
+            )
+            return skip + grant
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        _skip, ahead = results[-1]
         self._ahead, self._ahead_grant, self._ahead_at = (
             (producer, next_seq),
             int(ahead),

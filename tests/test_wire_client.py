@@ -1,4 +1,4 @@
-"""An independent client for the streams, written only from docs/wire-format.md.
+"""An independent client for the streams, written only from the README's Wire format.
 
 Nothing from ``shared`` or ``services`` is imported: the decoder below uses ``msgpack``,
 ``numpy``, ``json``, ``hashlib`` and ``redis`` exactly as the document describes, so these
@@ -23,7 +23,7 @@ from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
-# --- the decoder: everything below follows docs/wire-format.md --------------------------------
+# --- the decoder: everything below follows the README's "Wire format" section ------------------
 
 WIRE_DTYPES = {
     "bool",

