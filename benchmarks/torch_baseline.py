@@ -15,7 +15,6 @@ Only this module imports torch; the producer itself has no torch dependency.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from shared.masking import (
     RandomStage,
     SpanStage,
     StickyStage,
+    sticky_target,
 )
 
 IGNORE_INDEX = -100
@@ -105,18 +105,13 @@ class TorchReferenceProducer:
     def _sticky(self, spec: StickyStage) -> torch.Tensor:
         """Grow the selection round by round until exactly ceil(target * T)."""
         length, g = self.block_size, self.generator
-        target = min(length, math.ceil(spec.target_masked_ratio * length - 1e-9))
+        target = sticky_target(length, spec.target_masked_ratio)
         selected = torch.zeros(length, dtype=torch.bool)
         count = 0
         for _ in range(STICKY_MAX_ROUNDS):
             if count >= target:
                 return selected
-            neighbour = torch.zeros(length, dtype=torch.bool)
-            neighbour[1:] |= selected[:-1]
-            neighbour[:-1] |= selected[1:]
-            probability = torch.where(neighbour, spec.p2_probability, spec.p1_probability)
-            joins = (torch.rand(length, generator=g) < probability) & ~selected
-            new = joins.nonzero().squeeze(1)
+            new = self._sticky_round(spec, selected)
             need = target - count
             if new.numel() > need:  # truncate to exactly the target, at random
                 new = new[torch.randperm(new.numel(), generator=g)[:need]]
@@ -126,6 +121,15 @@ class TorchReferenceProducer:
             free = (~selected).nonzero().squeeze(1)
             selected[free[torch.randperm(free.numel(), generator=g)[: target - count]]] = True
         return selected
+
+    def _sticky_round(self, spec: StickyStage, selected: torch.Tensor) -> torch.Tensor:
+        """Indices of the positions that join the selection in this round."""
+        neighbour = torch.zeros(self.block_size, dtype=torch.bool)
+        neighbour[1:] |= selected[:-1]
+        neighbour[:-1] |= selected[1:]
+        probability = torch.where(neighbour, spec.p2_probability, spec.p1_probability)
+        joins = (torch.rand(self.block_size, generator=self.generator) < probability) & ~selected
+        return joins.nonzero().squeeze(1)
 
     def _spans(self, spans_count: int) -> torch.Tensor:
         """Sorted uniform endpoints taken in pairs: disjoint spans [start, end)."""
@@ -168,7 +172,7 @@ def check_batch(batch: dict[str, torch.Tensor], stage: AnyStage, mask_id: int) -
         raise AssertionError("baseline labels are not -100 exactly where unselected")
     if isinstance(stage, StickyStage):
         length = x.shape[1]
-        target = min(length, math.ceil(stage.target_masked_ratio * length - 1e-9))
+        target = sticky_target(length, stage.target_masked_ratio)
         if not bool((mask.sum(dim=1) == target).all()):
             raise AssertionError("baseline sticky selection misses its exact target")
     if isinstance(stage, SpanStage) and not bool((x[mask] == mask_id).all()):
@@ -181,35 +185,20 @@ class PerTokenReferenceProducer(TorchReferenceProducer):
     and reads its random draw with ``.item()``; BERT corruption decides token by
     token). Same stages, semantics, tensors and ``.pt`` files as the parent."""
 
-    def _sticky(self, spec: StickyStage) -> torch.Tensor:
-        length, g = self.block_size, self.generator
-        target = min(length, math.ceil(spec.target_masked_ratio * length - 1e-9))
-        selected = torch.zeros(length, dtype=torch.bool)
-        count = 0
-        for _ in range(STICKY_MAX_ROUNDS):
-            if count >= target:
-                break
-            draws = torch.rand(length, generator=g)
-            joins = []
-            for i in range(length):
-                if selected[i]:
-                    continue
-                neighbour = (i > 0 and bool(selected[i - 1])) or (
-                    i + 1 < length and bool(selected[i + 1])
-                )
-                threshold = spec.p2_probability if neighbour else spec.p1_probability
-                if draws[i].item() < threshold:
-                    joins.append(i)
-            if len(joins) > target - count:
-                order = torch.randperm(len(joins), generator=g)[: target - count].tolist()
-                joins = [joins[k] for k in order]
-            for i in joins:
-                selected[i] = True
-            count += len(joins)
-        if count < target:
-            free = (~selected).nonzero().squeeze(1)
-            selected[free[torch.randperm(free.numel(), generator=g)[: target - count]]] = True
-        return selected
+    def _sticky_round(self, spec: StickyStage, selected: torch.Tensor) -> torch.Tensor:
+        length = self.block_size
+        draws = torch.rand(length, generator=self.generator)
+        joins = []
+        for i in range(length):
+            if selected[i]:
+                continue
+            neighbour = (i > 0 and bool(selected[i - 1])) or (
+                i + 1 < length and bool(selected[i + 1])
+            )
+            threshold = spec.p2_probability if neighbour else spec.p1_probability
+            if draws[i].item() < threshold:
+                joins.append(i)
+        return torch.tensor(joins, dtype=torch.long)
 
     def _corrupt(
         self, sequence: torch.Tensor, selected: torch.Tensor, outright: bool

@@ -35,6 +35,19 @@ def message(seq: int, fp: str = FP, shape=(2, 8)) -> bytes:
     return encode(Batch(fp, "train", 0, 0, seq, tensors))
 
 
+def group_reader(client, consumer: str) -> BatchReader:
+    return BatchReader(
+        client,
+        KEYS,
+        "g",
+        consumer,
+        fingerprint=FP,
+        schema=SCHEMA,
+        max_bytes=4096,
+        dead_letter_maxlen=100,
+    )
+
+
 def bounded(client, bound: int) -> BoundedStream:
     return BoundedStream(
         client, KEYS.train, bound, produced_key=KEYS.produced, reserved_key=KEYS.reserved
@@ -149,16 +162,7 @@ def test_idle_bound_protects_live_consumers(redis_server):
 
 def test_reader_dead_letters_what_it_cannot_train_on(redis_server):
     client = connect(redis_server.url)
-    reader = BatchReader(
-        client,
-        KEYS,
-        "g",
-        "rank0",
-        fingerprint=FP,
-        schema=SCHEMA,
-        max_bytes=4096,
-        dead_letter_maxlen=100,
-    )
+    reader = group_reader(client, "rank0")
     reader.setup()
     good = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(1)})
     client.xadd(KEYS.train, {PAYLOAD_FIELD: message(5)[:20]})
@@ -188,16 +192,7 @@ def test_reader_dead_letters_what_it_cannot_train_on(redis_server):
 
 def test_entry_deleted_while_pending_is_cleared_on_reclaim(redis_server):
     client = connect(redis_server.url)
-    reader = BatchReader(
-        client,
-        KEYS,
-        "g",
-        "rank0",
-        fingerprint=FP,
-        schema=SCHEMA,
-        max_bytes=4096,
-        dead_letter_maxlen=100,
-    )
+    reader = group_reader(client, "rank0")
     reader.setup()
     entry = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(1)})
     assert len(reader.read(count=1, block_ms=None)) == 1
@@ -270,16 +265,7 @@ def test_transient_errors_surface_as_connection_errors(redis_server):
 def test_deleted_entry_of_a_dead_consumer_is_cleared(redis_server):
     """On Redis 6.2 XAUTOCLAIM returns deleted entries without their ids."""
     client = connect(redis_server.url)
-    reader = BatchReader(
-        client,
-        KEYS,
-        "g",
-        "rank1",
-        fingerprint=FP,
-        schema=SCHEMA,
-        max_bytes=4096,
-        dead_letter_maxlen=100,
-    )
+    reader = group_reader(client, "rank1")
     reader.setup()
     gone = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(1)})
     kept = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(2)})
