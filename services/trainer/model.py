@@ -188,7 +188,7 @@ class MaskedLM(nn.Module):
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy
         over the positions whose target is not ignore_index (the masked ones)."""
         B, T = idx.shape
-        if T > self.config.block_size:
+        if idx.size(1) > self.config.block_size:
             raise ValueError(
                 f"sequence length {T} exceeds block_size={self.config.block_size}; "
                 "raise block_size or feed shorter windows"
