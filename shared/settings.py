@@ -113,7 +113,13 @@ class DataSettings(_Base):
     val_batches: int = Field(28, ge=1, description="size of the fixed validation set, in batches")
 
     @field_validator(
-        "cache_dir", "corpus_path", "redis_password_file", mode="after", check_fields=False
+        "cache_dir",
+        "corpus_path",
+        "redis_password_file",
+        "out_dir",
+        "ack_log",
+        mode="after",
+        check_fields=False,
     )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -170,7 +176,45 @@ class TrainSettings(_Base):
     eval_interval: int = Field(250, ge=1)
     eval_iters: int = Field(200, ge=1)
     log_interval: int = Field(10, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float16", description="autocast dtype on GPU (the CPU always trains in float32)"
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when available"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads per trainer process (0 = torch's default)"
+    )
+    out_dir: Path = Field(Path("runs/default"), description="checkpoints of this run")
+    run_name: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="the run's consumer group on the training stream",
+    )
+    init_from: Literal["scratch", "resume"] = Field(
+        "scratch", description="resume = continue from out_dir/ckpt.pt"
+    )
+    ack_policy: Literal["step", "checkpoint"] = Field(
+        "step",
+        description="ack entries once every rank finished the step that used them, "
+        "or only once the next checkpoint is on disk",
+    )
+    checkpoint_interval: int = Field(
+        250, ge=0, description="iterations between checkpoints (0 = only at the end)"
+    )
+    prefetch_batches: int = Field(8, ge=1, description="micro-batches each rank reads ahead")
+    reclaim_idle_ms: int = Field(
+        60_000, ge=0, description="idle time after which a gone consumer's entries are taken"
+    )
+    ack_log: Path | None = Field(
+        None, description="append 'producer seq entry-id' per acked entry here (audits)"
+    )
+    peak_flops: float = Field(
+        0.0, ge=0, description="accelerator peak FLOP/s for MFU (0 = known GPUs, else none)"
+    )
+    wandb_log: bool = Field(False, description="log to Weights & Biases (needs wandb)")
+    wandb_project: str = "maskstream"
 
 
 _GROUPS: tuple[type[_Base], ...] = (

@@ -1,0 +1,195 @@
+"""Feeding one trainer rank from the training stream.
+
+Each rank is a consumer (``rank<r>``) of the run's consumer group. A thread
+reads ahead: first the entries this consumer left pending (a restart), then
+entries idle in gone consumers' pending lists, then new ones; it decodes them
+(bad ones go to the dead-letter stream), copies them into (pinned) host
+tensors and queues them, so decoding and copying overlap the training step.
+The training loop takes micro-batches with :meth:`StreamFeed.next` and acks
+them with :meth:`StreamFeed.ack` when the step that used them is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+import torch
+
+from shared.codec import Batch, TensorSpec
+from shared.reader import BatchReader
+from shared.streams import TRANSIENT_ERRORS, Backoff, StreamKeys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    entry_id: bytes
+    producer: int
+    seq: int
+    stage: int
+    inputs: torch.Tensor  # (B, T) token ids, uint8 or int32, on the host
+    labels: torch.Tensor  # (B, T), the wire's "ignore" sentinel where unselected
+
+
+def to_host_tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
+    """A host copy of a (read-only) wire array; uint16/uint32 widen to int32,
+    which torch handles everywhere."""
+    if array.dtype != np.uint8:
+        array = array.astype(np.int32)
+    dtype = torch.uint8 if array.dtype == np.uint8 else torch.int32
+    tensor = torch.empty(array.shape, dtype=dtype, pin_memory=pin)
+    tensor.numpy()[...] = array
+    return tensor
+
+
+class StreamFeed:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: StreamKeys,
+        *,
+        group: str,
+        consumer: str,
+        fingerprint: str,
+        schema: dict[str, TensorSpec],
+        max_bytes: int,
+        dead_letter_maxlen: int,
+        prefetch: int,
+        reclaim_idle_ms: int,
+        pin_memory: bool,
+        ack_log: Path | None = None,
+    ) -> None:
+        self.reader = BatchReader(
+            client,
+            keys,
+            group,
+            consumer,
+            fingerprint=fingerprint,
+            schema=schema,
+            max_bytes=max_bytes,
+            dead_letter_maxlen=dead_letter_maxlen,
+        )
+        self.consumer = consumer
+        self.prefetch, self.reclaim_idle_ms, self.pin = prefetch, reclaim_idle_ms, pin_memory
+        self._queue: queue.Queue[MicroBatch | BaseException] = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"feed-{consumer}", daemon=True)
+        self._delivered: dict[bytes, MicroBatch] = {}
+        self._ack_log = open(ack_log, "a", buffering=1) if ack_log else None  # noqa: SIM115
+        self.reclaimed = 0
+        self.acked = 0
+        self.double_acks = 0
+        self.wait_s = 0.0
+
+    # ---------------------------------------------------------- the thread
+
+    def start(self) -> None:
+        self.reader.setup(start_id="0")
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        reclaimed = False
+        while not self._stop.is_set():
+            try:
+                if not reclaimed:
+                    delivered = self.reader.reclaim(self.reclaim_idle_ms)
+                    self.reclaimed = len(delivered)
+                    if delivered:
+                        log.info("%s: %d entries reclaimed", self.consumer, len(delivered))
+                    reclaimed = True
+                else:
+                    delivered = self.reader.read(count=self.prefetch, block_ms=1000)
+                backoff.reset()
+            except TRANSIENT_ERRORS as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "%s: Redis unavailable (%s); retrying in %.1f s", self.consumer, exc, delay
+                )
+                self._stop.wait(delay)
+                continue
+            except BaseException as exc:  # surfaced to the training loop by next()
+                self._put(exc)
+                return
+            for entry_id, batch in delivered:
+                self._put(self._host_batch(entry_id, batch))
+
+    def _host_batch(self, entry_id: bytes, batch: Batch) -> MicroBatch:
+        return MicroBatch(
+            entry_id=entry_id,
+            producer=batch.producer,
+            seq=batch.seq,
+            stage=batch.stage,
+            inputs=to_host_tensor(batch.tensors["input"], self.pin),
+            labels=to_host_tensor(batch.tensors["labels"], self.pin),
+        )
+
+    def _put(self, item: MicroBatch | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    # ------------------------------------------------------ the train loop
+
+    def next(self, stop: threading.Event | None = None) -> MicroBatch | None:
+        """The next micro-batch; blocks while the stream is empty (the time is
+        counted in ``wait_s``). None once ``stop`` is set."""
+        started = time.perf_counter()
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    if stop is not None and stop.is_set():
+                        return None
+                    if not self._thread.is_alive():
+                        raise RuntimeError(f"{self.consumer}: the stream reader stopped") from None
+        finally:
+            self.wait_s += time.perf_counter() - started
+        if isinstance(item, BaseException):
+            raise item
+        self._delivered[item.entry_id] = item
+        return item
+
+    def ack(self, entry_ids: list[bytes]) -> int:
+        """XACK and XDEL ``entry_ids``; returns how many were acked now. An id
+        acked before (by anyone) counts in ``double_acks``."""
+        if not entry_ids:
+            return 0
+        acked = self.reader.ack(entry_ids)
+        self.acked += acked
+        self.double_acks += len(entry_ids) - acked
+        if self._ack_log is not None:
+            lines = []
+            for entry_id in entry_ids:
+                mb = self._delivered.get(entry_id)
+                if mb is not None:
+                    lines.append(f"{mb.producer} {mb.seq} {entry_id.decode()}\n")
+            self._ack_log.write("".join(lines))
+            os.fsync(self._ack_log.fileno())
+        for entry_id in entry_ids:
+            self._delivered.pop(entry_id, None)
+        return acked
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(self.reader.dead_letters.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._ack_log is not None:
+            self._ack_log.close()
