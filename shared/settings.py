@@ -149,7 +149,7 @@ class ProducerSettings(_Base):
 class LocalSettings(_Base):
     local_producers: int = Field(2, ge=1, description="producer processes of the local stack")
     local_seconds: float = Field(
-        60.0, gt=0, description="how long the local stack runs before it stops by itself"
+        900.0, gt=0, description="the local stack stops the trainer after this long at most"
     )
 
 

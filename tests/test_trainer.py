@@ -1,0 +1,377 @@
+"""The trainer as real processes (alone and under torchrun with gloo) against
+a real redis-server and real producers; accounting checked entry by entry."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from services.trainer.checkpoint import load_checkpoint, save_checkpoint, unwrapped_state_dict
+from services.trainer.model import MaskedLM, ModelConfig
+from services.trainer.train import learning_rate
+from shared.codec import Batch, decode, encode
+from shared.settings import load_settings
+from shared.streams import PAYLOAD_FIELD, StreamKeys
+from tests.conftest import REPO, wait_until
+
+pytestmark = pytest.mark.slow
+
+KEYS = StreamKeys("maskstream")
+SMALL = [
+    "--preset=tiny",
+    "--batch_size=8",
+    "--block_size=64",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=64",
+    "--val_batches=4",
+    "--eval_iters=4",
+    "--log_interval=5",
+    "--torch_threads=1",
+    "--log_interval_s=60",
+]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def trainer_cmd(world: int, args: list[str]) -> list[str]:
+    if world == 1:
+        return [sys.executable, "-m", "services.trainer", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        "--max-restarts=0",
+        "-m",
+        "services.trainer",
+        *args,
+    ]
+
+
+def run_trainer(world: int, args: list[str], log: Path, timeout: float = 300) -> str:
+    with open(log, "w") as out:
+        code = subprocess.run(
+            trainer_cmd(world, args),
+            cwd=REPO,
+            env=env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        ).returncode
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    return text
+
+
+def acked_entries(ack_log: Path) -> Counter:
+    """(producer, seq) -> times acked, over every rank's audit file."""
+    counts: Counter = Counter()
+    for path in ack_log.parent.glob(ack_log.name + ".rank*"):
+        for line in path.read_text().splitlines():
+            producer, seq, _entry = line.split()
+            counts[(int(producer), int(seq))] += 1
+    return counts
+
+
+def close_accounts(client, acked: Counter) -> dict[str, int]:
+    """produced = acked + pending + waiting, for every sequence number, with
+    nothing acked twice. Producers must be stopped."""
+    produced = {
+        (int(p), seq)
+        for p, last in client.hgetall(KEYS.produced).items()
+        for seq in range(int(last) + 1)
+    }
+    in_stream = Counter(
+        (b.producer, b.seq)
+        for _, fields in client.xrange(KEYS.train)
+        for b in [decode(fields[PAYLOAD_FIELD])]
+    )
+    assert max(acked.values(), default=1) == 1, "an entry was acked twice"
+    assert max(in_stream.values(), default=1) == 1, "an entry is in the stream twice"
+    assert not set(acked) & set(in_stream), "an acked entry is still in the stream"
+    assert set(acked) | set(in_stream) == produced, (
+        f"lost: {sorted(produced - set(acked) - set(in_stream))[:10]}, "
+        f"unexpected: {sorted((set(acked) | set(in_stream)) - produced)[:10]}"
+    )
+    pending = sum(g["pending"] for g in client.xinfo_groups(KEYS.train))
+    return {
+        "produced": len(produced),
+        "acked": len(acked),
+        "in_stream": len(in_stream),
+        "pending": pending,
+    }
+
+
+def start_two_producers(start_producer, url: str, corpus: Path, extra: list[str] = ()):
+    args = [f"--redis_url={url}", f"--corpus_path={corpus}", *SMALL, "--max_backlog=64", *extra]
+    return [start_producer(*args) for _ in range(2)]
+
+
+def test_two_ranks_ack_every_entry_exactly_once(redis7, shakespeare, start_producer, tmp_path):
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    ack_log = tmp_path / "acks"
+    out = run_trainer(
+        2,
+        [
+            f"--redis_url={redis7.url}",
+            f"--corpus_path={shakespeare}",
+            *SMALL,
+            "--max_iters=30",
+            "--eval_interval=15",
+            "--checkpoint_interval=10",
+            "--gradient_accumulation_steps=2",
+            f"--out_dir={tmp_path / 'run'}",
+            f"--ack_log={ack_log}",
+        ],
+        tmp_path / "trainer.log",
+    )
+    assert [p.terminate() for p in producers] == [0, 0]
+    client = redis7.client()
+    acked = acked_entries(ack_log)
+    accounts = close_accounts(client, acked)
+    # 30 steps x 2 ranks x 2 micro-batches, each trained on exactly once.
+    assert accounts["acked"] == 120
+    assert {p for p, _ in acked} == {0, 1}  # both producers fed the ranks
+    assert "val loss" in out and "(0 double)" in out
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["iter_num"] == 30 and ckpt["stream"]["world"] == 2
+
+
+def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int | None:
+    for child in psutil.Process(torchrun.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "services.trainer" in " ".join(
+                child.cmdline()
+            ):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("ack_policy", ["step", "checkpoint"])
+def test_killed_rank_resumes_and_accounts_close(
+    redis7, shakespeare, start_producer, tmp_path, ack_policy
+):
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    ack_log, run = tmp_path / "acks", tmp_path / "run"
+    args = [
+        f"--redis_url={redis7.url}",
+        f"--corpus_path={shakespeare}",
+        *SMALL,
+        "--max_iters=60",
+        "--eval_interval=30",
+        "--checkpoint_interval=10",
+        f"--ack_policy={ack_policy}",
+        f"--out_dir={run}",
+        f"--ack_log={ack_log}",
+    ]
+    log1 = open(tmp_path / "first.log", "w")  # noqa: SIM115
+    first = subprocess.Popen(
+        trainer_cmd(2, args), cwd=REPO, env=env(), stdout=log1, stderr=subprocess.STDOUT
+    )
+    client = redis7.client()
+    # Kill rank 1 once a checkpoint exists and a few more steps went by.
+    wait_until(lambda: (run / "ckpt.pt").exists(), 120, "the first checkpoint")
+    wait_until(lambda: "iter 15/" in (tmp_path / "first.log").read_text(), 120, "iteration 15")
+    victim = wait_until(lambda: _rank_pid(first, 1), 10, "rank 1's pid")
+    os.kill(victim, signal.SIGKILL)
+    assert first.wait(120) != 0
+    log1.close()
+    crashed_at = load_checkpoint(run / "ckpt.pt")["iter_num"]
+    assert crashed_at < 60
+    pending_at_crash = {
+        entry["message_id"]
+        for entry in client.xpending_range(KEYS.train, "default", min="-", max="+", count=10_000)
+    }
+    assert pending_at_crash, "the crash left nothing pending"
+
+    out = run_trainer(2, [*args, "--init_from=resume"], tmp_path / "second.log")
+    assert [p.terminate() for p in producers] == [0, 0]
+    assert f"iter {crashed_at + 5}/60" in out  # it went on from the checkpoint
+    assert "entries reclaimed" in out
+    acked = acked_entries(ack_log)
+    close_accounts(client, acked)  # zero lost, zero acked twice
+    acked_ids = {
+        line.split()[2].encode()
+        for path in tmp_path.glob("acks.rank*")
+        for line in path.read_text().splitlines()
+    }
+    # Whatever was pending at the crash was delivered again and acked once.
+    assert pending_at_crash <= acked_ids | {
+        e["message_id"] for e in client.xpending_range(KEYS.train, "default", "-", "+", 10_000)
+    }
+    if ack_policy == "checkpoint":
+        # Nothing trained on after the last checkpoint had been acked: all of it
+        # was pending at the crash, and so was trained on again after it.
+        assert not any(
+            line for line in (tmp_path / "first.log").read_text().splitlines() if "double" in line
+        )
+        reacked = pending_at_crash & acked_ids
+        assert len(reacked) >= 2 * 2  # at least the steps after the checkpoint on 2 ranks
+
+
+def test_bad_entries_are_dead_lettered_while_training_goes_on(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    client = redis7.client()
+    wait_until(lambda: client.get(KEYS.meta), 60, "the contract")
+    meta = json.loads(client.get(KEYS.meta))
+    foreign = encode(
+        Batch("0" * 16, "train", 0, 0, 0, {"input": torch.zeros(8, 64, dtype=torch.uint8).numpy()})
+    )
+    client.xadd(KEYS.train, {PAYLOAD_FIELD: foreign})
+    client.xadd(KEYS.train, {PAYLOAD_FIELD: b"\xc1 not msgpack"})
+    out = run_trainer(
+        1,
+        [
+            f"--redis_url={redis7.url}",
+            f"--corpus_path={shakespeare}",
+            *SMALL,
+            "--max_iters=20",
+            "--eval_interval=20",
+            f"--out_dir={tmp_path / 'run'}",
+        ],
+        tmp_path / "trainer.log",
+    )
+    assert [p.terminate() for p in producers] == [0, 0]
+    reasons = sorted(fields[b"reason"].decode() for _, fields in client.xrange(KEYS.dead))
+    assert reasons == ["foreign_fingerprint", "malformed"]
+    assert "2 dead-lettered" in out and "done at iter 20" in out
+    assert meta["fingerprint"] != "0" * 16
+
+
+def test_loss_falls_and_sampling_works(redis7, shakespeare, start_producer, tmp_path):
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    out = run_trainer(
+        1,
+        [
+            f"--redis_url={redis7.url}",
+            f"--corpus_path={shakespeare}",
+            *SMALL,
+            "--max_iters=150",
+            "--eval_interval=75",
+            f"--out_dir={tmp_path / 'run'}",
+            "--learning_rate=3e-3",
+            "--warmup_iters=10",
+            "--lr_decay_iters=150",
+        ],
+        tmp_path / "trainer.log",
+    )
+    assert [p.terminate() for p in producers] == [0, 0]
+    history = load_checkpoint(tmp_path / "run" / "ckpt.pt")["history"]
+    first, last = history[0]["val_loss"], history[-1]["val_loss"]
+    assert last < first and last < 0.85 * math.log(66), history
+    assert f"val loss {last:.4f}" in out
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.trainer.sample",
+            f"--checkpoint={tmp_path / 'run' / 'ckpt.pt'}",
+            "--prompt=ROMEO:",
+            "--length=40",
+            "--steps=8",
+            "--seed=1",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sample.returncode == 0, sample.stderr
+    assert "ROMEO:" in sample.stdout
+
+
+def test_resume_gives_the_same_next_steps(tmp_path):
+    """Restoring model, optimizer and iteration from a checkpoint continues
+    exactly as the uninterrupted run does on the same batches."""
+    settings = load_settings(
+        [
+            "--preset=tiny",
+            "--n_layer=2",
+            "--n_head=2",
+            "--n_embd=32",
+            "--block_size=32",
+            "--warmup_iters=3",
+        ],
+        env={},
+    )
+    torch.manual_seed(0)
+    batches = [
+        (
+            torch.randint(0, 20, (4, 32)),
+            torch.where(torch.rand(4, 32) < 0.3, torch.randint(0, 20, (4, 32)), -100),
+        )
+        for _ in range(8)
+    ]
+
+    def build():
+        model = MaskedLM(ModelConfig.from_settings(settings, vocab_size=21))
+        opt = model.configure_optimizer(
+            settings.weight_decay, settings.learning_rate, (settings.beta1, settings.beta2), "cpu"
+        )
+        return model, opt
+
+    def step(model, opt, it, batch):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(it, settings)
+        _, loss = model(*batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    model, opt = build()
+    for it in range(5):
+        step(model, opt, it, batches[it])
+    save_checkpoint(
+        tmp_path / "ckpt.pt",
+        {"model": unwrapped_state_dict(model), "optimizer": opt.state_dict(), "iter_num": 5},
+    )
+    uninterrupted = [step(model, opt, it, batches[it]) for it in range(5, 8)]
+
+    torch.manual_seed(123)  # a different process would start from other random state
+    resumed_model, resumed_opt = build()
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    resumed_model.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["optimizer"])
+    resumed = [
+        step(resumed_model, resumed_opt, it, batches[it]) for it in range(ckpt["iter_num"], 8)
+    ]
+    assert resumed == uninterrupted
+
+
+def test_waiting_without_producers_then_stopping(redis7, tmp_path):
+    """No contract in Redis yet: the trainer waits, and SIGTERM ends it cleanly."""
+    proc = subprocess.Popen(
+        trainer_cmd(1, [f"--redis_url={redis7.url}", *SMALL, f"--out_dir={tmp_path}"]),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    first_line = proc.stdout.readline()
+    assert (
+        "waiting for producers" in first_line or "waiting for producers" in proc.stdout.readline()
+    )
+    proc.terminate()
+    assert proc.wait(30) == 0
