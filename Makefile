@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-producer producer clean
+.PHONY: help install demo test test-fast lint format bench bench-producer bench-trainer producer trainer sample clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,13 +37,22 @@ format: install ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-producer ## every benchmark
+bench: bench-producer bench-trainer ## every benchmark
 
 bench-producer: install ## producer masking/encoding, codec and Redis throughput on one core
 	$(PY) -m benchmarks.bench_producer
 
+bench-trainer: install ## trainer tokens/s fed from Redis vs from memory, and its data-wait share
+	$(PY) -m benchmarks.bench_trainer $(ARGS)
+
 producer: install ## one producer against $$REDIS_URL (pass settings as ARGS="--key=value ...")
 	$(PY) -m services.producer $(ARGS)
+
+trainer: install ## one trainer process against $$REDIS_URL (ARGS="--key=value ...")
+	$(PY) -m services.trainer $(ARGS)
+
+sample: install ## text from a checkpoint (CKPT=runs/tiny/ckpt.pt, ARGS="--prompt=... --show_steps")
+	$(PY) -m services.trainer.sample --checkpoint=$(or $(CKPT),runs/tiny/ckpt.pt) $(ARGS)
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

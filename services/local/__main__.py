@@ -76,8 +76,14 @@ def report(settings: Settings) -> int:
         say(f"no checkpoint at {path}: nothing to sample")
         return 1
     sample = subprocess.run(
-        [sys.executable, "-m", "services.trainer.sample", f"--checkpoint={path}",
-         "--length=200", "--steps=40", "--seed=0"],
+        [
+            sys.executable,
+            "-m",
+            "services.trainer.sample",
+            f"--checkpoint={path}",
+            "--steps=40",
+            "--seed=0",
+        ],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,

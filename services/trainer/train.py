@@ -421,6 +421,7 @@ class Trainer:
         t_last, wait_last, steps_since = time.perf_counter(), self.feed.wait_s, 0
         val_loss = math.nan
         stopped_early = False
+        checkpointed_at = -1
         while p.iter_num < s.max_iters:
             lr = learning_rate(p.iter_num, s)
             for group in self.optimizer.param_groups:
@@ -461,10 +462,12 @@ class Trainer:
                 val_loss = self._evaluate_and_control()
             if s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0:
                 self.checkpoint()
+                checkpointed_at = p.iter_num
             if self.should_stop():
                 stopped_early = True
                 break
-        self.checkpoint()
+        if checkpointed_at != p.iter_num:
+            self.checkpoint()
         if math.isnan(val_loss) and not stopped_early:
             val_loss = self._evaluate_and_control()
         return {

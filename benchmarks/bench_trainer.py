@@ -1,0 +1,132 @@
+"""Trainer benchmark: the same model and training step fed from the Redis stream
+(with producers keeping up) and from micro-batches already in memory, in the
+same process and run, alternating, so the ratio compares like with like.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_trainer                       # tiny preset, CPU
+    python -m benchmarks.bench_trainer --preset=char_diffusion --device=cuda
+
+Any ``--key=value`` is a setting (see ``python -m services.producer --help``);
+``--bench_steps=N`` and ``--bench_rounds=N`` size the measurement.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see services/trainer/__main__.py
+
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from services.trainer.feed import MicroBatch
+from services.trainer.train import Trainer
+from shared.redis_server import RedisServer
+from shared.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_RATIO, TARGET_WAIT = 0.97, 0.02
+
+
+class InMemoryFeed:
+    """The feed interface over micro-batches already in host memory."""
+
+    def __init__(self, batches: list[MicroBatch]) -> None:
+        self.batches, self.i, self.wait_s = batches, 0, 0.0
+
+    def next(self, stop: threading.Event | None = None) -> MicroBatch:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return batch
+
+    def ack(self, entry_ids: list[bytes]) -> int:
+        return len(entry_ids)
+
+
+def measure(trainer: Trainer, feed, steps: int) -> tuple[float, float]:
+    """(tokens/s, share of step time spent waiting for data) over ``steps``."""
+    trainer.feed = feed
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    wait0, started = feed.wait_s, time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    return steps * trainer.tokens_per_step / elapsed, (feed.wait_s - wait0) / elapsed
+
+
+def main(argv: list[str]) -> int:
+    steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--bench_steps=")), 40)
+    rounds = next((int(a.split("=")[1]) for a in argv if a.startswith("--bench_rounds=")), 3)
+    argv = [a for a in argv if not a.startswith("--bench_")]
+    if not any(a.startswith("--preset=") for a in argv):
+        argv = ["--preset=tiny", *argv]
+    corpus = os.environ.get("TINYSHAKESPEARE", str(REPO.parent / "shared/data/tinyshakespeare.txt"))
+    if Path(corpus).is_file() and not any(a.startswith("--corpus_path=") for a in argv):
+        argv.append(f"--corpus_path={corpus}")
+    with RedisServer() as server:
+        args = [*argv, f"--redis_url={server.url}", "--max_iters=1000000", "--log_interval_s=600"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        producers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "services.producer", *args],
+                env=env,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(2)
+        ]
+        try:
+            settings = load_settings([*args, "--out_dir=/tmp/maskstream-bench-trainer"])
+            trainer = Trainer(settings, threading.Event())
+            stream_feed = trainer.feed
+            stream_feed.start()
+            for _ in range(5):  # warm up, and let the read-ahead fill
+                trainer.train_step()
+            memory = InMemoryFeed([stream_feed.next() for _ in range(16)])
+            results: dict[str, list[tuple[float, float]]] = {"stream": [], "memory": []}
+            for _ in range(rounds):
+                results["stream"].append(measure(trainer, stream_feed, steps))
+                results["memory"].append(measure(trainer, memory, steps))
+            trainer.feed = stream_feed
+            trainer.close()
+        finally:
+            for proc in producers:
+                proc.terminate()
+            for proc in producers:
+                proc.wait(30)
+    device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "CPU"
+    stream_tps = statistics.median(t for t, _ in results["stream"])
+    memory_tps = statistics.median(t for t, _ in results["memory"])
+    wait = statistics.median(w for _, w in results["stream"])
+    ratio = stream_tps / memory_tps
+    print(
+        f"trainer benchmark on {device} ({torch.get_num_threads()} threads), "
+        f"{trainer.raw_model.num_params(False) / 1e6:.2f}M parameters, "
+        f"{trainer.tokens_per_step} tokens/step, {rounds} rounds of {steps} steps (median)"
+    )
+    print(f"{'feed':<28}{'tokens/s':>12}{'data wait':>12}")
+    print(f"{'Redis stream, 2 producers':<28}{stream_tps:>12,.0f}{100 * wait:>11.2f}%")
+    print(f"{'in-memory micro-batches':<28}{memory_tps:>12,.0f}{0:>11.2f}%")
+    print(f"stream / memory: {ratio:.3f}")
+    print(
+        f"{'PASS' if ratio >= TARGET_RATIO else 'FAIL'}  throughput ratio {ratio:.3f} "
+        f"(target >= {TARGET_RATIO})"
+    )
+    print(
+        f"{'PASS' if wait < TARGET_WAIT else 'FAIL'}  data wait {100 * wait:.2f}% of step time "
+        f"(target < {100 * TARGET_WAIT:g}%)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
