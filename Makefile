@@ -45,10 +45,10 @@ bench-producer: install ## producer masking/encoding, codec and Redis throughput
 bench-trainer: install ## trainer tokens/s fed from Redis vs from memory, and its data-wait share
 	$(PY) -m benchmarks.bench_trainer $(ARGS)
 
-producer: install ## one producer against $$REDIS_URL (pass settings as ARGS="--key=value ...")
+producer: install ## one producer against REDIS_URL (pass settings as ARGS="--key=value ...")
 	$(PY) -m services.producer $(ARGS)
 
-trainer: install ## one trainer process against $$REDIS_URL (ARGS="--key=value ...")
+trainer: install ## one trainer process against REDIS_URL (ARGS="--key=value ...")
 	$(PY) -m services.trainer $(ARGS)
 
 sample: install ## text from a checkpoint (CKPT=runs/tiny/ckpt.pt, ARGS="--prompt=... --show_steps")
