@@ -228,15 +228,16 @@ def test_killed_rank_resumes_and_accounts_close(
 def test_bad_entries_are_dead_lettered_while_training_goes_on(
     redis7, shakespeare, start_producer, tmp_path
 ):
-    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    # First in the stream, so the trainer meets them within its 20 steps.
     client = redis7.client()
-    wait_until(lambda: client.get(KEYS.meta), 60, "the contract")
-    meta = json.loads(client.get(KEYS.meta))
     foreign = encode(
         Batch("0" * 16, "train", 0, 0, 0, {"input": torch.zeros(8, 64, dtype=torch.uint8).numpy()})
     )
     client.xadd(KEYS.train, {PAYLOAD_FIELD: foreign})
     client.xadd(KEYS.train, {PAYLOAD_FIELD: b"\xc1 not msgpack"})
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    wait_until(lambda: client.get(KEYS.meta), 60, "the contract")
+    meta = json.loads(client.get(KEYS.meta))
     out = run_trainer(
         1,
         [

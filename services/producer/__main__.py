@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
 from services.producer.loop import Producer
 from services.producer.provider import load_provider
 from shared.contract import ContractMismatch
 from shared.corpus import CorpusError
+from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.settings import SettingsError, load_settings
 
@@ -41,16 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_CONFIG
 
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info(
-            "%s received: finishing the current send, then stopping", signal.Signals(signum).name
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals(log, "finishing the current send, then stopping")
     try:
         Producer(settings, provider, stop).run()
     except ContractMismatch as exc:

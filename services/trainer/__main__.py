@@ -11,12 +11,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging
-import signal
 import sys
-import threading
 
 from services.trainer.train import Trainer
 from shared.contract import ContractMismatch
+from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.settings import SettingsError, load_settings
 
@@ -31,16 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(settings.log_level, f"trainer[rank{rank}]")
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info(
-            "%s received: finishing this step, checkpointing, stopping", signal.Signals(signum).name
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals(log, "finishing this step, checkpointing, stopping")
     try:
         trainer = Trainer(settings, stop)
     except (ContractMismatch, FileNotFoundError) as exc:

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import redis
 import torch
 
-from shared.codec import Batch, TensorSpec
+from shared.codec import Batch
 from shared.reader import BatchReader
-from shared.streams import TRANSIENT_ERRORS, Backoff, StreamKeys
+from shared.streams import TRANSIENT_ERRORS, Backoff
 
 log = logging.getLogger(__name__)
 
@@ -54,35 +53,19 @@ def to_host_tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
 class StreamFeed:
     def __init__(
         self,
-        client: redis.Redis,
-        keys: StreamKeys,
+        reader: BatchReader,
         *,
-        group: str,
-        consumer: str,
-        fingerprint: str,
-        schema: dict[str, TensorSpec],
-        max_bytes: int,
-        dead_letter_maxlen: int,
         prefetch: int,
         reclaim_idle_ms: int,
         pin_memory: bool,
         ack_log: Path | None = None,
     ) -> None:
-        self.reader = BatchReader(
-            client,
-            keys,
-            group,
-            consumer,
-            fingerprint=fingerprint,
-            schema=schema,
-            max_bytes=max_bytes,
-            dead_letter_maxlen=dead_letter_maxlen,
-        )
-        self.consumer = consumer
+        self.reader = reader
+        self.consumer = reader.consumer
         self.prefetch, self.reclaim_idle_ms, self.pin = prefetch, reclaim_idle_ms, pin_memory
         self._queue: queue.Queue[MicroBatch | BaseException] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"feed-{consumer}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"feed-{self.consumer}", daemon=True)
         self._delivered: dict[bytes, MicroBatch] = {}
         self._ack_log = open(ack_log, "a", buffering=1) if ack_log else None  # noqa: SIM115
         self.reclaimed = 0

@@ -38,7 +38,7 @@ from services.trainer.feed import MicroBatch, StreamFeed, to_host_tensor
 from services.trainer.model import MaskedLM, ModelConfig
 from shared.codec import Batch
 from shared.contract import check_meta, read_meta, schema_of
-from shared.reader import read_validation, validation_ready
+from shared.reader import BatchReader, read_validation, validation_ready
 from shared.settings import Settings
 from shared.streams import StreamKeys, connect, publish_active_stage
 
@@ -184,21 +184,23 @@ class Trainer:
             self.stage = StageState(**resume["stage"])
         self.peak_flops = settings.peak_flops or self._known_peak_flops()
 
-        self.feed = StreamFeed(
+        reader = BatchReader(
             self.client,
             self.keys,
-            group=settings.run_name,
-            consumer=f"rank{self.d.rank}",
+            settings.run_name,
+            f"rank{self.d.rank}",
             fingerprint=self.fingerprint,
             schema=self.schema,
             max_bytes=settings.max_message_bytes,
             dead_letter_maxlen=settings.dead_letter_maxlen,
+        )
+        ack_log = settings.ack_log
+        self.feed = StreamFeed(
+            reader,
             prefetch=settings.prefetch_batches,
             reclaim_idle_ms=settings.reclaim_idle_ms,
             pin_memory=self.device.type == "cuda",
-            ack_log=settings.ack_log.with_suffix(f".rank{self.d.rank}")
-            if settings.ack_log
-            else None,
+            ack_log=ack_log.with_suffix(f".rank{self.d.rank}") if ack_log else None,
         )
         self.val_batches = self._load_validation()
         self.unacked_prev: list[bytes] = []  # step N-1, acked after step N's all-reduce
