@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -41,8 +41,10 @@ class BatchReader:
         schema: dict[str, TensorSpec],
         max_bytes: int,
         dead_letter_maxlen: int,
+        on_dead_letter: Callable[[str], None] | None = None,
     ) -> None:
         self.client, self.keys, self.group, self.consumer = client, keys, group, consumer
+        self.on_dead_letter = on_dead_letter
         self.stream = keys.train
         self.fingerprint, self.schema, self.max_bytes = fingerprint, schema, max_bytes
         self.dead_letter_maxlen = dead_letter_maxlen
@@ -82,6 +84,8 @@ class BatchReader:
                 )
             except CodecError as exc:
                 self.dead_letters[exc.reason] += 1
+                if self.on_dead_letter is not None:
+                    self.on_dead_letter(exc.reason)
                 dead_letter(
                     self.client,
                     self.keys,

@@ -144,6 +144,9 @@ class ProducerSettings(_Base):
     dead_letter_maxlen: int = Field(
         10_000, ge=1, description="dead-letter entries kept (oldest trimmed)"
     )
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="producer's Prometheus port (0 = no metrics)"
+    )
 
 
 class LocalSettings(_Base):
@@ -209,6 +212,9 @@ class TrainSettings(_Base):
     )
     ack_log: Path | None = Field(
         None, description="append 'producer seq entry-id' per acked entry here (audits)"
+    )
+    trainer_metrics_port: int = Field(
+        9200, ge=0, le=65535, description="trainer's Prometheus port, all ranks (0 = none)"
     )
     peak_flops: float = Field(
         0.0, ge=0, description="accelerator peak FLOP/s for MFU (0 = known GPUs, else none)"

@@ -11,6 +11,7 @@ from shared.contract import ContractMismatch
 from shared.corpus import CorpusError
 from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
+from shared.metrics import serve as serve_metrics
 from shared.settings import SettingsError, load_settings
 
 log = logging.getLogger("services.producer")
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     stop = stop_on_signals(log, "finishing the current send, then stopping")
+    serve_metrics(settings.metrics_port)
     try:
         Producer(settings, provider, stop).run()
     except ContractMismatch as exc:

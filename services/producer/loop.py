@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
+from services.producer import metrics
 from services.producer.provider import Provider
 from shared.codec import Batch, encode
 from shared.contract import ContractGuard, check_meta, make_meta, publish_meta, read_meta
@@ -122,7 +123,7 @@ class Producer:
         self.seq = 0
         self.sent_total = 0
         self.active_stage = 0
-        self.pending: deque[bytes] = deque()
+        self.pending: deque[tuple[bytes, int]] = deque()  # (payload, stage), in seq order
         self._next_allowed = 0.0
 
     # ----------------------------------------------------------- lifecycle
@@ -162,6 +163,9 @@ class Producer:
             # A fixed producer_id restarting goes on after its last batch.
             self.seq = self.stream.last_seq(producer_id) + 1
             self.pending.clear()
+            metrics.PRODUCER_RATE_LIMIT.labels(str(producer_id)).set(self.settings.rate_limit)
+            if self.settings.use_all_stages_for_training:
+                metrics.PRODUCER_STAGE.labels(str(producer_id)).set(-1)
             log.info(
                 "producer %d ready: fingerprint %s, %d training stage(s), max_backlog %d",
                 producer_id,
@@ -175,9 +179,7 @@ class Producer:
     def _shutdown(self) -> None:
         try:
             if self.pending and self.maker is not None:
-                for _ in range(self._send()):
-                    self.pending.popleft()
-                    self.sent_total += 1
+                self._record_sent(self._send(), IntervalStats())
             if self.maker is not None:
                 self.stream.release(self.maker.producer_id)
             if self.pending:
@@ -222,14 +224,13 @@ class Producer:
             if self.guard.connections != self._connections_seen:
                 log.warning("reconnected to Redis; restoring this producer's state")
                 self._setup()
-            for _ in range(sent):
-                stats.bytes += len(self.pending.popleft())
-            stats.batches += sent
-            self.sent_total += sent
+            self._record_sent(sent, stats)
             if self.pending:  # the stream is at its bound: back off, then retry
                 started = time.monotonic()
                 self.stop.wait(wait)
-                stats.backpressure_s += time.monotonic() - started
+                waited = time.monotonic() - started
+                stats.backpressure_s += waited
+                metrics.BACKPRESSURE_SECONDS.observe(waited)
                 wait = min(wait * 2, 0.05)
             else:
                 wait = 0.001
@@ -238,14 +239,35 @@ class Producer:
         """Offer every pending payload; returns how many the stream took."""
         assert self.maker is not None
         first_seq = self.seq - len(self.pending)
-        return self.stream.add(list(self.pending), self.maker.producer_id, first_seq)
+        started = time.perf_counter()
+        sent = self.stream.add(
+            [payload for payload, _ in self.pending], self.maker.producer_id, first_seq
+        )
+        metrics.SEND_SECONDS.observe(time.perf_counter() - started)
+        return sent
 
-    def _make_next(self) -> bytes:
+    def _record_sent(self, sent: int, stats: IntervalStats) -> None:
+        producer = str(self.lease.producer_id)
+        for _ in range(sent):
+            payload, stage = self.pending.popleft()
+            stats.bytes += len(payload)
+            metrics.PRODUCED_BATCHES.labels("train", str(stage), producer).inc()
+            metrics.PRODUCED_BYTES.labels("train", producer).inc(len(payload))
+        metrics.PRODUCED_TOKENS.labels("train", producer).inc(sent * self.tokens_per_batch)
+        stats.batches += sent
+        self.sent_total += sent
+
+    def _make_next(self) -> tuple[bytes, int]:
         assert self.maker is not None
         stage = None if self.settings.use_all_stages_for_training else self.active_stage
-        payload = encode(self.maker.make(self.seq, stage))
+        started = time.perf_counter()
+        batch = self.maker.make(self.seq, stage)
+        made = time.perf_counter()
+        payload = encode(batch)
+        metrics.MASK_SECONDS.observe(made - started)
+        metrics.ENCODE_SECONDS.observe(time.perf_counter() - made)
         self.seq += 1
-        return payload
+        return payload, batch.stage
 
     def _throttle(self) -> None:
         """Hold to ``rate_limit`` batches/s (a token bucket of depth one)."""
@@ -268,6 +290,7 @@ class Producer:
         if stage != self.active_stage:
             log.info("following active stage %d (was %d)", stage, self.active_stage)
         self.active_stage = stage
+        metrics.PRODUCER_STAGE.labels(str(self.lease.producer_id)).set(stage)
 
     def _maintain(self) -> None:
         """Renew the lease; notice a Redis that lost the contract or the
@@ -319,9 +342,10 @@ class Producer:
             chunk = 16
             for first in range(0, self.settings.val_batches, chunk):
                 last = min(first + chunk, self.settings.val_batches)
-                add_unbounded(
-                    self.client, self.keys.val, [encode(maker.make(i)) for i in range(first, last)]
-                )
+                batches = [maker.make(i) for i in range(first, last)]
+                add_unbounded(self.client, self.keys.val, [encode(b) for b in batches])
+                for batch in batches:
+                    metrics.PRODUCED_BATCHES.labels("val", str(batch.stage), "val").inc()
                 self.client.pexpire(self.keys.val_lock, VAL_LOCK_TTL_MS)
             self.client.set(self.keys.val_done, self.fingerprint)
             log.info(

@@ -4,20 +4,38 @@ train from the Redis stream (see services/trainer/train.py)."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Idle OpenMP threads sleep instead of spinning. On a CPU shared with producer
 # processes, spinning threads slow every step down by an order of magnitude.
 # (Read once, when torch loads: so before the imports below.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import logging
-import sys
 
-from services.trainer.train import Trainer
-from shared.contract import ContractMismatch
-from shared.lifecycle import stop_on_signals
-from shared.logs import configure_logging
-from shared.settings import SettingsError, load_settings
+def _metrics_dir() -> str:
+    """Every rank of one launch writes its metrics here (prometheus_client's
+    multiprocess mode); local rank 0 serves them. Set before the client loads."""
+    if "LOCAL_RANK" in os.environ:  # torchrun: the agent's pid is shared by its ranks
+        launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}-{os.getppid()}"
+    else:
+        launch = f"pid{os.getpid()}"
+    path = os.path.join(tempfile.gettempdir(), f"maskstream-metrics-{launch}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _metrics_dir())
+
+import logging  # noqa: E402 - after the environment above
+import sys  # noqa: E402 - after the environment above
+
+from prometheus_client import multiprocess  # noqa: E402 - after the environment above
+
+from services.trainer.train import Trainer  # noqa: E402 - after the environment above
+from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
+from shared.lifecycle import stop_on_signals  # noqa: E402 - after the environment above
+from shared.logs import configure_logging  # noqa: E402 - after the environment above
+from shared.settings import SettingsError, load_settings  # noqa: E402 - after the environment above
 
 log = logging.getLogger("services.trainer")
 
@@ -40,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.run()
     finally:
         trainer.close()
+        # This rank's "live" gauges leave the multiprocess view.
+        multiprocess.mark_process_dead(os.getpid())
     if rank == 0:
         log.info(
             "done at iter %d: %d entries acked (%d double), %d reclaimed, %d dead-lettered",

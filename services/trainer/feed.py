@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.trainer import metrics
 from shared.codec import Batch
 from shared.reader import BatchReader
 from shared.streams import TRANSIENT_ERRORS, Backoff
@@ -62,6 +63,8 @@ class StreamFeed:
     ) -> None:
         self.reader = reader
         self.consumer = reader.consumer
+        self.rank = reader.consumer.removeprefix("rank")
+        reader.on_dead_letter = lambda reason: metrics.DEAD_LETTERS.labels(reason, self.rank).inc()
         self.prefetch, self.reclaim_idle_ms, self.pin = prefetch, reclaim_idle_ms, pin_memory
         self._queue: queue.Queue[MicroBatch | BaseException] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -87,6 +90,7 @@ class StreamFeed:
                 if not reclaimed:
                     delivered = self.reader.reclaim(self.reclaim_idle_ms)
                     self.reclaimed = len(delivered)
+                    metrics.RECLAIMED_ENTRIES.labels(self.rank).inc(len(delivered))
                     if delivered:
                         log.info("%s: %d entries reclaimed", self.consumer, len(delivered))
                     reclaimed = True
@@ -155,6 +159,9 @@ class StreamFeed:
         acked = self.reader.ack(entry_ids)
         self.acked += acked
         self.double_acks += len(entry_ids) - acked
+        metrics.ACKED_ENTRIES.labels(self.rank).inc(acked)
+        if acked < len(entry_ids):
+            metrics.DOUBLE_ACKS.labels(self.rank).inc(len(entry_ids) - acked)
         if self._ack_log is not None:
             lines = []
             for entry_id in entry_ids:

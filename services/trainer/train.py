@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from services.trainer import metrics
 from services.trainer.checkpoint import (
     checkpoint_path,
     load_checkpoint,
@@ -38,9 +39,10 @@ from services.trainer.feed import MicroBatch, StreamFeed, to_host_tensor
 from services.trainer.model import MaskedLM, ModelConfig
 from shared.codec import Batch
 from shared.contract import check_meta, read_meta, schema_of
+from shared.metrics import serve as serve_metrics
 from shared.reader import BatchReader, read_validation, validation_ready
 from shared.settings import Settings
-from shared.streams import StreamKeys, connect, publish_active_stage
+from shared.streams import StreamKeys, connect, pending_count, publish_active_stage
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,8 @@ class Trainer:
             ack_log=ack_log.with_suffix(f".rank{self.d.rank}") if ack_log else None,
         )
         self.val_batches = self._load_validation()
+        self.rank_label = str(self.d.rank)
+        self._queue_observed = 0.0
         self.unacked_prev: list[bytes] = []  # step N-1, acked after step N's all-reduce
         self.held: list[bytes] = []  # ack_policy=checkpoint: everything since the last one
         self.wandb = self._init_wandb()
@@ -301,6 +305,7 @@ class Trainer:
         accum = self.s.gradient_accumulation_steps
         used: list[MicroBatch] = []
         total = 0.0
+        started, waited = time.perf_counter(), self.feed.wait_s
         for micro in range(accum):
             # Under DDP a rank must not leave a step its peers are in: it waits
             # for data, and stopping is agreed on between steps (should_stop).
@@ -326,6 +331,13 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        rank = self.rank_label
+        metrics.STEP_SECONDS.labels(rank).observe(time.perf_counter() - started)
+        metrics.DATA_WAIT_SECONDS.labels(rank).observe(self.feed.wait_s - waited)
+        for mb in used:
+            metrics.CONSUMED_BATCHES.labels(rank, str(mb.stage)).inc()
+            metrics.CONSUMED_BYTES.labels(rank).inc(mb.inputs.nbytes + mb.labels.nbytes)
+        metrics.CONSUMED_TOKENS.labels(rank).inc(len(used) * self.tokens_per_micro)
         ids = [mb.entry_id for mb in used]
         if self.s.ack_policy == "step":
             if self.d.enabled:
@@ -335,6 +347,19 @@ class Trainer:
         else:
             self.held.extend(ids)
         return total
+
+    def _observe_queue(self, every_s: float = 2.0) -> None:
+        """Queue gauges from Redis itself (first rank only, every few seconds):
+        right whatever the number of producers, zero included."""
+        now = time.monotonic()
+        if now - self._queue_observed < every_s:
+            return
+        self._queue_observed = now
+        length = self.client.xlen(self.keys.train)
+        pending = pending_count(self.client, self.keys.train, self.s.run_name)
+        metrics.STREAM_LENGTH.labels(self.keys.train).set(length)
+        metrics.GROUP_PENDING.labels(self.keys.train, self.s.run_name).set(pending)
+        metrics.GROUP_LAG.labels(self.keys.train, self.s.run_name).set(max(0, length - pending))
 
     def should_stop(self) -> bool:
         """Whether any rank was asked to stop (every rank gets the same answer)."""
@@ -418,6 +443,12 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         s, p = self.s, self.progress
         self.feed.start()
+        if self.d.local_rank == 0:
+            serve_metrics(s.trainer_metrics_port)
+        if self.d.master:
+            metrics.WORLD_SIZE.set(self.d.world)
+            metrics.MAX_BACKLOG.set(s.max_backlog)
+            metrics.ACTIVE_STAGE.set(-1 if s.use_all_stages_for_training else self.stage.active)
         if not s.use_all_stages_for_training and self.d.master:
             publish_active_stage(self.client, self.keys, self.stage.active)
         t_last, wait_last, steps_since = time.perf_counter(), self.feed.wait_s, 0
@@ -432,6 +463,11 @@ class Trainer:
             if loss is None:
                 stopped_early = True
                 break
+            if self.d.master:
+                metrics.LOSS.set(loss)
+                metrics.LEARNING_RATE.set(lr)
+                metrics.ITERATION.set(p.iter_num + 1)
+                self._observe_queue()
             p.iter_num += 1
             p.tokens += self.tokens_per_step
             steps_since += 1
@@ -457,6 +493,9 @@ class Trainer:
                     f", mfu {100 * mfu:.1f}%" if mfu is not None else "",
                     "all" if s.use_all_stages_for_training else self.stage.active,
                 )
+                metrics.TOKENS_PER_SECOND.set(tok_s)
+                if mfu is not None:
+                    metrics.MFU.set(mfu)
                 if self.wandb:
                     self.wandb.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s}, step=p.iter_num)
                 t_last, wait_last, steps_since = now, self.feed.wait_s, 0
@@ -487,6 +526,9 @@ class Trainer:
         p.best_val_loss = min(p.best_val_loss, val_loss)
         p.history.append({"iter": p.iter_num, "val_loss": val_loss, "stage": self.stage.active})
         if self.d.master:
+            metrics.VAL_LOSS.labels("all").set(val_loss)
+            for stage, value in per_stage.items():
+                metrics.VAL_LOSS.labels(str(stage)).set(value)
             stages = " ".join(f"{k}:{v:.3f}" for k, v in sorted(per_stage.items()))
             log.info("iter %d: val loss %.4f (per stage %s)", p.iter_num, val_loss, stages)
             if self.wandb:
@@ -497,6 +539,7 @@ class Trainer:
             # Every rank updates its stage state; the first one publishes it.
             if self.stage.update(val_loss, patience, self.n_stages) and self.d.master:
                 publish_active_stage(self.client, self.keys, self.stage.active)
+                metrics.ACTIVE_STAGE.set(self.stage.active)
                 log.info("validation loss plateaued: advancing to stage %d", self.stage.active)
         return val_loss
 

@@ -1,0 +1,83 @@
+"""The trainer's Prometheus metrics (see shared/metrics.py for conventions).
+Gauges use multiprocess mode "livemax": the value of live ranks, their maximum
+(only the first rank sets most of them)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import FAST_BUCKETS, SLOW_BUCKETS
+
+CONSUMED_BATCHES = Counter(
+    "maskstream_consumed_batches", "Micro-batches trained on", ["rank", "stage"]
+)
+CONSUMED_TOKENS = Counter("maskstream_consumed_tokens", "Tokens trained on", ["rank"])
+CONSUMED_BYTES = Counter("maskstream_consumed_bytes", "Message bytes trained on", ["rank"])
+ACKED_ENTRIES = Counter("maskstream_acked_entries", "Entries acked and deleted", ["rank"])
+DOUBLE_ACKS = Counter("maskstream_double_acks", "Ack attempts for entries already acked", ["rank"])
+DEAD_LETTERS = Counter(
+    "maskstream_dead_letters", "Entries moved to the dead-letter stream", ["reason", "rank"]
+)
+RECLAIMED_ENTRIES = Counter(
+    "maskstream_reclaimed_entries",
+    "Entries taken back at start (own pending, then idle ones of gone consumers)",
+    ["rank"],
+)
+DATA_WAIT_SECONDS = Histogram(
+    "maskstream_trainer_data_wait_seconds",
+    "Time a step waited for data",
+    ["rank"],
+    buckets=FAST_BUCKETS,
+)
+STEP_SECONDS = Histogram(
+    "maskstream_trainer_step_seconds",
+    "Wall time of one optimizer step",
+    ["rank"],
+    buckets=SLOW_BUCKETS,
+)
+LOSS = Gauge(
+    "maskstream_trainer_loss", "Training loss of the last step", multiprocess_mode="livemax"
+)
+VAL_LOSS = Gauge(
+    "maskstream_trainer_val_loss",
+    'Validation loss of the last evaluation (stage="all": overall)',
+    ["stage"],
+    multiprocess_mode="livemax",
+)
+LEARNING_RATE = Gauge(
+    "maskstream_trainer_learning_rate", "Learning rate", multiprocess_mode="livemax"
+)
+ACTIVE_STAGE = Gauge(
+    "maskstream_trainer_active_stage",
+    "Active training stage (-1: all)",
+    multiprocess_mode="livemax",
+)
+ITERATION = Gauge(
+    "maskstream_trainer_iteration", "Optimizer steps done", multiprocess_mode="livemax"
+)
+TOKENS_PER_SECOND = Gauge(
+    "maskstream_trainer_tokens_per_second",
+    "Tokens trained per second, all ranks",
+    multiprocess_mode="livemax",
+)
+MFU = Gauge(
+    "maskstream_trainer_mfu_ratio", "Model FLOPs utilization (0..1)", multiprocess_mode="livemax"
+)
+WORLD_SIZE = Gauge("maskstream_trainer_world_size", "Trainer ranks", multiprocess_mode="livemax")
+
+# The queue, as the trainer sees it (rank 0 polls Redis): right whatever the
+# number of producers, zero included.
+STREAM_LENGTH = Gauge(
+    "maskstream_stream_length", "Entries in the stream", ["stream"], multiprocess_mode="livemax"
+)
+GROUP_PENDING = Gauge(
+    "maskstream_group_pending",
+    "Entries delivered to the group's consumers and not acked",
+    ["stream", "group"],
+    multiprocess_mode="livemax",
+)
+GROUP_LAG = Gauge(
+    "maskstream_group_lag",
+    "Entries not yet delivered to the group (stream length minus pending)",
+    ["stream", "group"],
+    multiprocess_mode="livemax",
+)
+MAX_BACKLOG = Gauge("maskstream_max_backlog", "Configured max_backlog", multiprocess_mode="livemax")
