@@ -304,7 +304,7 @@ class Trainer:
         None if stopped while waiting for data."""
         accum = self.s.gradient_accumulation_steps
         used: list[MicroBatch] = []
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # summed on the device: no sync per micro-step
         started, waited = time.perf_counter(), self.feed.wait_s
         for micro in range(accum):
             # Under DDP a rank must not leave a step its peers are in: it waits
@@ -320,7 +320,7 @@ class Trainer:
                 _, loss = self.model(x, y, ignore_index=self.s.ignore_index)
                 loss = loss / accum
             self.scaler.scale(loss).backward()
-            total += loss.item()
+            total += loss.detach()
         # The all-reduce of this step is done: every rank finished the last step.
         if self.s.ack_policy == "step":
             self.feed.ack(self.unacked_prev)
@@ -346,7 +346,7 @@ class Trainer:
                 self.feed.ack(ids)  # alone, this step is already complete everywhere
         else:
             self.held.extend(ids)
-        return total
+        return total.item()
 
     def _observe_queue(self, every_s: float = 2.0) -> None:
         """Queue gauges from Redis itself (first rank only, every few seconds):

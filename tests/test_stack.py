@@ -1,0 +1,183 @@
+"""The native stack: redis-server, two producers, a two-rank CPU trainer
+(torchrun, gloo), the Redis exporter and a real Prometheus running the
+project's own config (only its target addresses adapted) and rules. Every
+PromQL expression of every dashboard panel and recording rule must return data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.codec import Batch, encode
+from shared.redis_server import free_port
+from shared.streams import PAYLOAD_FIELD, StreamKeys
+from tests.conftest import REPO, wait_until
+from tests.promql import all_queries
+
+pytestmark = pytest.mark.slow
+
+KEYS = StreamKeys("maskstream")
+SMALL = [
+    "--preset=tiny",
+    "--batch_size=8",
+    "--block_size=64",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=64",
+    "--val_batches=4",
+    "--eval_iters=4",
+    "--eval_interval=20",
+    "--torch_threads=1",
+    "--log_interval_s=60",
+    "--max_backlog=64",
+]
+
+
+def need(binary: str, package: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.fail(f"{binary} not found: apt-get install {package}")
+    return path
+
+
+def adapted_config(tmp: Path, targets: dict[str, list[str]]) -> Path:
+    """deploy/prometheus/prometheus.yml with its discovery replaced by these
+    addresses; everything else (intervals, rules) as shipped."""
+    source = REPO / "deploy" / "prometheus"
+    config = yaml.safe_load((source / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    assert jobs == set(targets), f"the shipped config scrapes {sorted(jobs)}"
+    for job in config["scrape_configs"]:
+        for key in ("dns_sd_configs", "static_configs", "docker_sd_configs"):
+            job.pop(key, None)
+        job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+    shutil.copytree(source / "rules", tmp / "rules")
+    path = tmp / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def log_to(path: Path):
+    """A log file for a child process, which holds it until it exits."""
+    return open(path, "w")
+
+
+def query(base: str, expr: str) -> dict:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_producer, tmp_path):
+    prometheus = need("prometheus", "prometheus")
+    exporter_bin = need("prometheus-redis-exporter", "prometheus-redis-exporter")
+    ports = {name: free_port() for name in ("p0", "p1", "trainer", "exporter", "prometheus")}
+    client = redis7.client()
+    # A dead letter to be: the dead-letter panels and rules need a series.
+    client.xadd(KEYS.train, {PAYLOAD_FIELD: encode(Batch("f" * 16, "train", 0, 0, 0, {}))})
+    common = [f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL]
+    for name in ("p0", "p1"):
+        start_producer(*common, f"--metrics_port={ports[name]}")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "services.trainer",
+                *common,
+                "--max_iters=100000",
+                "--log_interval=50",
+                f"--trainer_metrics_port={ports['trainer']}",
+                f"--out_dir={tmp_path / 'run'}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log_to(tmp_path / "trainer.log"),
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [
+                exporter_bin,
+                f"-redis.addr={redis7.url}",
+                f"-web.listen-address=127.0.0.1:{ports['exporter']}",
+                "-check-single-streams=maskstream:train,maskstream:val,maskstream:dead",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log_to(tmp_path / "exporter.log"),
+        ),
+    ]
+    local = "127.0.0.1:{}".format
+    config = adapted_config(
+        tmp_path,
+        {
+            "producer": [local(ports["p0"]), local(ports["p1"])],
+            "trainer": [local(ports["trainer"])],
+            "redis": [local(ports["exporter"])],
+            "prometheus": [local(ports["prometheus"])],
+        },
+    )
+    procs.append(
+        subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log_to(tmp_path / "prometheus.log"),
+        )
+    )
+    base = f"http://127.0.0.1:{ports['prometheus']}"
+    try:
+
+        def all_up() -> bool:
+            try:
+                result = query(base, "up")["data"]["result"]
+            except OSError:
+                return False
+            return len(result) == 5 and all(r["value"][1] == "1" for r in result)
+
+        wait_until(all_up, 120, "all five targets up", interval=1)
+        wait_until(
+            lambda: query(base, "max(maskstream_trainer_val_loss)")["data"]["result"],
+            180,
+            "a validation loss from the trainer",
+            interval=1,
+        )
+        time.sleep(15)  # several scrapes: every rate window holds at least two samples
+        failures = []
+        queries = all_queries()
+        assert len(queries) > 20
+        for where, expr in queries:
+            answer = query(base, expr)
+            if answer.get("status") != "success":
+                failures.append(f"{where}: error {answer.get('error')}: {expr}")
+            elif not answer["data"]["result"]:
+                failures.append(f"{where}: no data: {expr}")
+        assert not failures, "\n".join(failures)
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
