@@ -156,6 +156,39 @@ class LocalSettings(_Base):
     )
 
 
+class AutoscalerSettings(_Base):
+    prometheus_url: str = Field(
+        "http://prometheus:9090", description="where the autoscaler reads rates and wait shares"
+    )
+    autoscale_interval_s: float = Field(5.0, gt=0, description="seconds between decisions")
+    rate_window: str = Field(
+        "1m", pattern=r"^\d+[smh]$", description="PromQL range of the rates it acts on"
+    )
+    min_producers: int = Field(1, ge=0)
+    max_producers: int = Field(8, ge=1)
+    starve_threshold: float = Field(
+        0.05, gt=0, lt=1, description="scale up when trainers wait for data beyond this share"
+    )
+    full_fraction: float = Field(
+        0.9, gt=0, le=1, description="the queue counts as full from this share of max_backlog"
+    )
+    idle_backpressure: float = Field(
+        0.5, gt=0, lt=1, description="scale down when producers wait on a full queue this much"
+    )
+    cooldown_s: float = Field(30.0, ge=0, description="no change within this long of the last")
+    headroom: float = Field(1.2, ge=1, description="provision measured demand times this")
+    confirm: int = Field(2, ge=1, description="observations a condition must last before acting")
+    dry_run: bool = Field(False, description="log decisions, change nothing")
+    compose_project: str | None = Field(
+        None, description="compose project of the producers (unset: the autoscaler's own)"
+    )
+    producer_service: str = Field("producer", description="compose service of the producers")
+    stop_timeout_s: int = Field(
+        10, ge=1, description="grace period of a stopped replica (SIGTERM, then SIGKILL)"
+    )
+    autoscaler_metrics_port: int = Field(9300, ge=0, le=65535)
+
+
 class ModelSettings(_Base):
     n_layer: int = Field(8, ge=1)
     n_head: int = Field(8, ge=1)
@@ -228,6 +261,7 @@ _GROUPS: tuple[type[_Base], ...] = (
     DataSettings,
     ProducerSettings,
     LocalSettings,
+    AutoscalerSettings,
     ModelSettings,
     TrainSettings,
 )
@@ -264,7 +298,13 @@ class _PresetSource(PydanticBaseSettingsSource):
 
 
 class Settings(
-    RunSettings, DataSettings, ProducerSettings, LocalSettings, ModelSettings, TrainSettings
+    RunSettings,
+    DataSettings,
+    ProducerSettings,
+    LocalSettings,
+    AutoscalerSettings,
+    ModelSettings,
+    TrainSettings,
 ):
     @classmethod
     def settings_customise_sources(
@@ -284,6 +324,10 @@ class Settings(
             raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("n_embd / n_head must be even for rotary position embeddings")
+        if self.min_producers > self.max_producers:
+            raise ValueError(
+                f"min_producers={self.min_producers} exceeds max_producers={self.max_producers}"
+            )
         if self.min_lr > self.learning_rate:
             raise ValueError(
                 f"min_lr={self.min_lr} must not exceed learning_rate={self.learning_rate}"

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from services.autoscaler.policy import REASONS, PolicyConfig, PolicyState, decide
+from services.autoscaler.signals import read_signals
 from shared.codec import Batch, encode
 from shared.redis_server import free_port
 from shared.streams import PAYLOAD_FIELD, StreamKeys
@@ -173,6 +175,12 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
             elif not answer["data"]["result"]:
                 failures.append(f"{where}: no data: {expr}")
         assert not failures, "\n".join(failures)
+        # The autoscaler's signals, read from this Prometheus and Redis.
+        signals = read_signals(base, client, KEYS.train, producers=2, max_backlog=64, window="1m")
+        assert signals.consumed_per_s > 0 and signals.produced_per_s > 0
+        assert 0 <= signals.data_wait_share <= 1 and 0 <= signals.backpressure_share <= 1
+        assert not signals.missing()
+        assert decide(signals, PolicyConfig(), PolicyState()).reason in REASONS
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,126 @@
+"""``python -m services.autoscaler [--key=value ...]``: keep trainers fed with
+the fewest producer replicas.
+
+Every ``autoscale_interval_s`` it reads the signals (services/autoscaler/
+signals.py), asks the pure policy (policy.py) for a producer count, and applies
+it through the container engine (engine.py), unless ``dry_run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+from services.autoscaler import metrics
+from services.autoscaler.engine import EngineError, Replicas, connect_engine, own_project
+from services.autoscaler.policy import CHANGES, PolicyConfig, PolicyState, decide
+from services.autoscaler.signals import PrometheusError, read_signals
+from shared.lifecycle import stop_on_signals
+from shared.logs import configure_logging
+from shared.metrics import serve as serve_metrics
+from shared.settings import Settings, SettingsError, load_settings
+from shared.streams import TRANSIENT_ERRORS, StreamKeys, connect
+
+log = logging.getLogger("services.autoscaler")
+
+
+def policy_config(s: Settings) -> PolicyConfig:
+    return PolicyConfig(
+        min_producers=s.min_producers,
+        max_producers=s.max_producers,
+        starve_threshold=s.starve_threshold,
+        full_fraction=s.full_fraction,
+        idle_backpressure=s.idle_backpressure,
+        cooldown_s=s.cooldown_s,
+        headroom=s.headroom,
+        confirm=s.confirm,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+        config = policy_config(settings)
+    except (SettingsError, ValueError) as exc:
+        print(f"autoscaler: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, "autoscaler")
+    try:
+        engine = connect_engine()
+    except EngineError as exc:
+        log.error("%s", exc)
+        return 2
+    project = settings.compose_project or own_project(engine)
+    if not project:
+        log.error("compose_project is unset and this process is not in a compose container")
+        return 2
+    replicas = Replicas(engine, project, settings.producer_service, settings.stop_timeout_s)
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    client = connect(settings.redis_url, password)
+    keys = StreamKeys(settings.namespace)
+    stop = stop_on_signals(log, "stopping after this decision")
+    serve_metrics(settings.autoscaler_metrics_port)
+    log.info(
+        "scaling %s/%s within [%d, %d]%s, every %.0f s",
+        project,
+        settings.producer_service,
+        config.min_producers,
+        config.max_producers,
+        " (dry run)" if settings.dry_run else "",
+        settings.autoscale_interval_s,
+    )
+    state = PolicyState()
+    while not stop.is_set():
+        try:
+            running = len(replicas.running())
+            signals = read_signals(
+                settings.prometheus_url,
+                client,
+                keys.train,
+                producers=running,
+                max_backlog=settings.max_backlog,
+                window=settings.rate_window,
+            )
+        except (PrometheusError, EngineError, *TRANSIENT_ERRORS) as exc:
+            metrics.ERRORS.labels("observe").inc()
+            log.warning("cannot observe (%s); trying again", exc)
+            stop.wait(settings.autoscale_interval_s)
+            continue
+        decision = decide(signals, config, state)
+        state = decision.state
+        metrics.DECISIONS.labels(decision.reason).inc()
+        metrics.ACTUAL.set(running)
+        metrics.DESIRED.set(decision.desired)
+        for name in ("data_wait_share", "consumed_per_s", "produced_per_s", "backpressure_share"):
+            value = getattr(signals, name)
+            metrics.SIGNAL.labels(name).set(value if not math.isnan(value) else -1)
+        metrics.SIGNAL.labels("queue_fill").set(signals.queue_length / settings.max_backlog)
+        if decision.desired != running and decision.reason in CHANGES:
+            log.info(
+                "%s: %d -> %d producers (wait %.1f%%, consumed %.1f/s, produced %.1f/s, "
+                "queue %d/%d, backpressure %.0f%%)%s",
+                decision.reason,
+                running,
+                decision.desired,
+                100 * signals.data_wait_share,
+                signals.consumed_per_s,
+                signals.produced_per_s,
+                signals.queue_length,
+                settings.max_backlog,
+                100 * signals.backpressure_share,
+                " [dry run]" if settings.dry_run else "",
+            )
+            if not settings.dry_run:
+                try:
+                    change = replicas.scale_to(decision.desired)
+                    metrics.CHANGES.labels("up" if change > 0 else "down").inc(abs(change))
+                except (EngineError, OSError) as exc:
+                    metrics.ERRORS.labels("apply").inc()
+                    log.error("could not scale: %s", exc)
+        stop.wait(settings.autoscale_interval_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
