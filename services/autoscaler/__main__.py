@@ -15,7 +15,7 @@ import sys
 from services.autoscaler import metrics
 from services.autoscaler.engine import EngineError, Replicas, connect_engine, own_project
 from services.autoscaler.policy import CHANGES, PolicyConfig, PolicyState, decide
-from services.autoscaler.signals import PrometheusError, read_signals
+from services.autoscaler.signals import PrometheusError, prometheus_scalar, read_signals
 from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.metrics import serve as serve_metrics
@@ -46,24 +46,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autoscaler: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, "autoscaler")
+    replicas: Replicas | None = None
     try:
         engine = connect_engine()
     except EngineError as exc:
-        log.error("%s", exc)
-        return 2
-    project = settings.compose_project or own_project(engine)
-    if not project:
-        log.error("compose_project is unset and this process is not in a compose container")
-        return 2
-    replicas = Replicas(engine, project, settings.producer_service, settings.stop_timeout_s)
+        if not settings.dry_run:
+            log.error("%s", exc)
+            return 2
+        # A dry run can still watch: it counts the producers Prometheus scrapes.
+        log.warning("%s; dry run: counting producers from Prometheus instead", exc)
+    else:
+        project = settings.compose_project or own_project(engine)
+        if not project:
+            log.error("compose_project is unset and this process is not in a compose container")
+            return 2
+        replicas = Replicas(engine, project, settings.producer_service, settings.stop_timeout_s)
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     client = connect(settings.redis_url, password)
     keys = StreamKeys(settings.namespace)
     stop = stop_on_signals(log, "stopping after this decision")
     serve_metrics(settings.autoscaler_metrics_port)
     log.info(
-        "scaling %s/%s within [%d, %d]%s, every %.0f s",
-        project,
+        "scaling %s within [%d, %d]%s, every %.0f s",
         settings.producer_service,
         config.min_producers,
         config.max_producers,
@@ -73,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     state = PolicyState()
     while not stop.is_set():
         try:
-            running = len(replicas.running())
+            if replicas is not None:
+                running = len(replicas.running())
+            else:
+                scraped = prometheus_scalar(
+                    settings.prometheus_url, 'count(up{job="producer"} == 1)'
+                )
+                running = 0 if math.isnan(scraped) else int(scraped)
             signals = read_signals(
                 settings.prometheus_url,
                 client,
