@@ -62,10 +62,12 @@ def test_scrape_jobs():
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     assert config["global"]["scrape_interval"] == "5s"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"producer", "trainer", "redis", "prometheus"}
+    assert set(jobs) == {"producer", "trainer", "autoscaler", "redis", "prometheus"}
     for name, names, port in (
         ("producer", ["producer"], 9100),
         ("trainer", ["trainer", "trainer-cpu"], 9200),
+        # optional: no autoscaler service, no A record, no target (and no TargetDown)
+        ("autoscaler", ["autoscaler"], 9300),
     ):
         (sd,) = jobs[name]["dns_sd_configs"]
         # dns_sd_configs defaults to SRV records, which compose DNS does not serve

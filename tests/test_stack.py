@@ -1,7 +1,9 @@
 """The native stack: redis-server, two producers, a two-rank CPU trainer
-(torchrun, gloo), the Redis exporter and a real Prometheus running the
-project's own config (only its target addresses adapted) and rules. Every
-PromQL expression of every dashboard panel and recording rule must return data.
+(torchrun, gloo), the Redis exporter, a dry-run autoscaler (no container
+engine: it counts the producers Prometheus scrapes) and a real Prometheus
+running the project's own config (only its target addresses adapted) and
+rules. Every PromQL expression of every dashboard panel and recording rule
+must return data.
 """
 
 from __future__ import annotations
@@ -85,7 +87,10 @@ def query(base: str, expr: str) -> dict:
 def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_producer, tmp_path):
     prometheus = need("prometheus", "prometheus")
     exporter_bin = need("prometheus-redis-exporter", "prometheus-redis-exporter")
-    ports = {name: free_port() for name in ("p0", "p1", "trainer", "exporter", "prometheus")}
+    ports = {
+        name: free_port()
+        for name in ("p0", "p1", "trainer", "exporter", "autoscaler", "prometheus")
+    }
     client = redis7.client()
     # A dead letter to be: the dead-letter panels and rules need a series.
     client.xadd(KEYS.train, {PAYLOAD_FIELD: encode(Batch("f" * 16, "train", 0, 0, 0, {}))})
@@ -131,6 +136,7 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
         {
             "producer": [local(ports["p0"]), local(ports["p1"])],
             "trainer": [local(ports["trainer"])],
+            "autoscaler": [local(ports["autoscaler"])],
             "redis": [local(ports["exporter"])],
             "prometheus": [local(ports["prometheus"])],
         },
@@ -148,6 +154,29 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
         )
     )
     base = f"http://127.0.0.1:{ports['prometheus']}"
+    # A dry run with no reachable engine falls back to Prometheus for the producer count.
+    no_engine = {**env, "DOCKER_HOST": "unix:///nonexistent.sock"}
+    for variable in ("DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH"):
+        no_engine.pop(variable, None)
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.autoscaler",
+                "--dry_run",
+                f"--redis_url={redis7.url}",
+                f"--prometheus_url={base}",
+                f"--autoscaler_metrics_port={ports['autoscaler']}",
+                "--autoscale_interval_s=1",
+                "--max_backlog=64",
+            ],
+            cwd=REPO,
+            env=no_engine,
+            stdout=log_to(tmp_path / "autoscaler.log"),
+            stderr=subprocess.STDOUT,
+        )
+    )
     try:
 
         def all_up() -> bool:
@@ -155,9 +184,9 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
                 result = query(base, "up")["data"]["result"]
             except OSError:
                 return False
-            return len(result) == 5 and all(r["value"][1] == "1" for r in result)
+            return len(result) == 6 and all(r["value"][1] == "1" for r in result)
 
-        wait_until(all_up, 120, "all five targets up", interval=1)
+        wait_until(all_up, 120, "all six targets up", interval=1)
         wait_until(
             lambda: query(base, "max(maskstream_trainer_val_loss)")["data"]["result"],
             180,
@@ -175,6 +204,22 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
             elif not answer["data"]["result"]:
                 failures.append(f"{where}: no data: {expr}")
         assert not failures, "\n".join(failures)
+        # The dry-run autoscaler decides, and counts the two producers Prometheus scrapes.
+        assert query(base, "maskstream_autoscaler_decisions_total")["data"]["result"]
+
+        def counted() -> list[str]:
+            result = query(base, "maskstream_autoscaler_actual_producers")["data"]["result"]
+            return [r["value"][1] for r in result]
+
+        wait_until(lambda: counted() == ["2"], 30, "the autoscaler to count 2 producers", 1)
+        signals_seen = query(base, "maskstream_autoscaler_signal")["data"]["result"]
+        assert {r["metric"]["signal"] for r in signals_seen} == {
+            "data_wait_share",
+            "consumed_per_s",
+            "produced_per_s",
+            "backpressure_share",
+            "queue_fill",
+        }
         # The autoscaler's signals, read from this Prometheus and Redis.
         signals = read_signals(base, client, KEYS.train, producers=2, max_backlog=64, window="1m")
         assert signals.consumed_per_s > 0 and signals.produced_per_s > 0

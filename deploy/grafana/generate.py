@@ -11,10 +11,12 @@ a bare `pip install grafana-foundation-sdk` picks another one:
 
 Every panel and query goes through the `datasource` variable (no `${DS_...}`
 inputs, which file provisioning does not resolve). Metric names are those of
-services/producer/metrics.py and services/trainer/metrics.py, redis_exporter's
-(1.45: no stream lag, hence the trainer's own queue gauges) and Prometheus' `up`.
-Counters with labels have no series before their first increment, so panels of
-rare events (dead letters, reclaims) fall back to 0 instead of "No data".
+services/producer/metrics.py, services/trainer/metrics.py,
+services/autoscaler/metrics.py, redis_exporter's (1.45: no stream lag, hence
+the trainer's own queue gauges) and Prometheus' `up`. Counters with labels have
+no series before their first increment, so panels of rare events (dead letters,
+reclaims, autoscaler changes and errors) fall back to 0 instead of "No data".
+The autoscaler's panels show data only while one runs (a dry run is enough).
 """
 
 from __future__ import annotations
@@ -354,6 +356,74 @@ def pipeline() -> Board:
             rate("maskstream_produced_batches_total", 'split="train"', by="stage"),
             "stage {{stage}}",
         ),
+    )
+
+    b.row("Autoscaler")
+    b.graph(
+        "Producers: desired vs actual",
+        "short",
+        "Producer count the autoscaler's policy wants, the replicas it counted (from the "
+        "container engine, or from Prometheus in a dry run without one), and the producers "
+        "Prometheus scrapes. Desired stays within min_producers..max_producers; a dry run "
+        "(dry_run) only logs the difference.",
+        Query("max(maskstream_autoscaler_desired_producers)", "desired"),
+        Query("max(maskstream_autoscaler_actual_producers)", "actual"),
+        Query('count(up{job="producer"} == 1) or vector(0)', "scraped"),
+    )
+    b.graph(
+        "Autoscaler decisions/s by reason",
+        "ops",
+        "One decision per autoscale_interval_s. starving, queue_full, below_min, above_max "
+        "change the count; confirming and cooldown wait; hold, at_min, at_max and no_signal "
+        "keep it (see services/autoscaler/policy.py).",
+        Query(
+            f"{rate('maskstream_autoscaler_decisions_total', by='reason')}"
+            ' or label_replace(vector(0), "reason", "none", "", "")',
+            "{{reason}}",
+        ),
+    )
+    b.graph(
+        "Autoscaler signals: shares",
+        "percentunit",
+        "What the last decision saw: the trainers' data-wait share (scale up beyond "
+        "starve_threshold), the train stream's fill over max_backlog (full from "
+        "full_fraction) and the producers' backpressure wait share (scale down beyond "
+        "idle_backpressure). Gaps: not measurable yet.",
+        Query(
+            'max by (signal) (maskstream_autoscaler_signal{signal=~"data_wait_share|queue_fill|'
+            'backpressure_share"} >= 0)',
+            "{{signal}}",
+        ),
+        max_val=1,
+    )
+    b.graph(
+        "Autoscaler signals: batches/s",
+        "ops",
+        "Training batches/s consumed by the trainers and produced by the producers over "
+        "rate_window, as the last decision saw them: the policy sizes a change from them. "
+        "Gaps: not measurable yet.",
+        Query(
+            'max by (signal) (maskstream_autoscaler_signal{signal=~"consumed_per_s|'
+            'produced_per_s"} >= 0)',
+            "{{signal}}",
+        ),
+    )
+    b.graph(
+        "Autoscaler changes and errors",
+        "ops",
+        "Replicas started (up) and stopped (down) per second, none in a dry run, and failed "
+        "observations (Prometheus or Redis unreachable) or changes (container engine).",
+        Query(
+            f"{rate('maskstream_autoscaler_changes_total', by='direction')}"
+            ' or label_replace(vector(0), "direction", "none", "", "")',
+            "scaled {{direction}}",
+        ),
+        Query(
+            f"{rate('maskstream_autoscaler_errors_total', by='kind')}"
+            ' or label_replace(vector(0), "kind", "none", "", "")',
+            "{{kind}} errors",
+        ),
+        width=24,
     )
 
     b.row("Failures")
