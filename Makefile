@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast lint format bench bench-producer bench-trainer producer trainer sample clean
+.PHONY: up down scale logs train-gpu test-containers
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -53,6 +54,38 @@ trainer: install ## one trainer process against REDIS_URL (ARGS="--key=value ...
 
 sample: install ## text from a checkpoint (CKPT=runs/tiny/ckpt.pt, ARGS="--prompt=... --show_steps")
 	$(PY) -m services.trainer.sample --checkpoint=$(or $(CKPT),runs/tiny/ckpt.pt) $(ARGS)
+
+# ---- containers: `docker compose` where a Docker engine answers, else podman-compose
+# (deploy/docker/compose.sh says what to install when neither is there).
+COMPOSE := deploy/docker/compose.sh
+N ?= 4
+PODMAN_COMPOSE_SPEC ?= podman-compose==1.6.0
+
+up: .env ## start the stack: Redis, producers, CPU trainer, exporter, Prometheus :9090, Grafana :3000
+	$(COMPOSE) up -d --build
+	@echo "Grafana: http://localhost:3000 (anonymous viewer; admin login in .env), Prometheus: http://localhost:9090"
+
+down: ## stop the stack, remove its containers (ARGS=-v: and its volumes)
+	$(COMPOSE) down --remove-orphans $(ARGS)
+
+scale: .env ## run N producer replicas (make scale N=4)
+	deploy/docker/scale.sh $(N)
+
+logs: ## follow the stack's logs (SERVICE=producer: one service)
+	$(COMPOSE) logs -f --tail=100 $(SERVICE)
+
+train-gpu: ## torchrun on all local GPUs: GPU trainer container (Docker + NVIDIA toolkit) or natively (TRAIN_GPU_MODE=native)
+	PY=$(PY) deploy/docker/train-gpu.sh $(ARGS)
+
+.env: .env.example
+	@deploy/docker/make-env.sh
+
+$(VENV)/.podman-compose: $(VENV)/.installed
+	$(PY) -m pip install --quiet "$(PODMAN_COMPOSE_SPEC)"
+	@touch $@
+
+test-containers: install $(VENV)/.podman-compose ## container test: images on a local Debian base, stack up (2->3 producers, CPU trainer), checked in Prometheus; root + podman
+	MASKSTREAM_CONTAINER_TEST=1 $(PY) -m pytest tests/test_containers.py $(PYTEST_ARGS)
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# `make train-gpu`: train on every local GPU, torchrun with one process per GPU.
+#
+#   TRAIN_GPU_MODE=container  the compose stack with the GPU trainer (profile gpu) instead of
+#                             the CPU one: needs Docker Engine with the NVIDIA container
+#                             toolkit. Restarts the stack: Redis starts empty, so producers
+#                             write the new preset's contract.
+#   TRAIN_GPU_MODE=native     torchrun from .venv on this machine against REDIS_URL (default:
+#                             the stack's Redis on localhost:$REDIS_PORT, password from .env),
+#                             fed by producers running elsewhere (`make up` with the same
+#                             PRESET, or `make producer`). .venv needs a CUDA build of torch.
+#   TRAIN_GPU_MODE=auto       (default) container where Docker has the NVIDIA runtime, else
+#                             native where torch sees a GPU.
+#
+# PRESET defaults to char_diffusion; arguments (ARGS) pass on as settings (--key=value).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mode=${TRAIN_GPU_MODE:-auto}
+export PRESET=${PRESET:-char_diffusion}
+py=${PY:-.venv/bin/python}
+
+docker_gpu() {
+    command -v docker >/dev/null && timeout 10 docker info --format '{{json .Runtimes}}' 2>/dev/null |
+        grep -q nvidia
+}
+native_gpu() {
+    [ -x "$py" ] && "$py" -c 'import sys, torch; sys.exit(torch.cuda.device_count() == 0)' 2>/dev/null
+}
+
+if [ "$mode" = auto ]; then
+    if docker_gpu; then mode=container; elif native_gpu; then mode=native; else
+        cat >&2 <<'MSG'
+train-gpu: no GPU found to train on.
+  In containers: Docker Engine with the NVIDIA container toolkit
+    (nvidia-container-toolkit; `nvidia-ctk runtime configure --runtime=docker`, restart docker).
+  Natively: a CUDA build of torch in .venv (`.venv/bin/pip install torch==2.13.0`: PyPI's Linux
+    wheels are CUDA builds) on a machine with an NVIDIA driver.
+MSG
+        exit 1
+    fi
+fi
+
+case "$mode" in
+container)
+    deploy/docker/make-env.sh
+    echo "train-gpu: compose stack with the GPU trainer, preset $PRESET"
+    COMPOSE_PROFILES=cpu,gpu deploy/docker/compose.sh down --remove-orphans
+    COMPOSE_PROFILES=gpu deploy/docker/compose.sh up -d --build
+    echo "train-gpu: follow it with: make logs SERVICE=trainer"
+    ;;
+native)
+    if [ -z "${REDIS_URL:-}" ]; then
+        port=${REDIS_PORT:-$(sed -n 's/^REDIS_PORT=//p' .env 2>/dev/null || true)}
+        export REDIS_URL="redis://localhost:${port:-6379}/0"
+        if [ -z "${REDIS_PASSWORD:-}" ] && [ -f .env ]; then
+            REDIS_PASSWORD=$(sed -n 's/^REDIS_PASSWORD=//p' .env)
+            export REDIS_PASSWORD
+        fi
+    fi
+    native_gpu || {
+        echo "train-gpu: torch in $py sees no GPU (install a CUDA build of torch there)" >&2
+        exit 1
+    }
+    echo "train-gpu: torchrun on $("$py" -c 'import torch; print(torch.cuda.device_count())') GPU(s), preset $PRESET, redis $REDIS_URL"
+    exec "$py" -m torch.distributed.run --standalone --nproc_per_node=gpu \
+        -m services.trainer "$@"
+    ;;
+*)
+    echo "train-gpu: TRAIN_GPU_MODE must be auto, container or native (not $mode)" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,52 @@
+# The trainer image: the project plus torch, run as torchrun with one process per GPU.
+# Build arguments:
+#   BASE_IMAGE       any Debian-like image with python3 >= 3.10 and its venv module
+#                    (python:3.11-slim by default; a local image for air-gapped builds). No CUDA
+#                    base image is needed: torch's Linux wheels on PyPI carry the CUDA runtime
+#                    (nvidia-* wheels) and the driver comes from the host through the NVIDIA
+#                    container toolkit.
+#   TORCH_SPEC       the torch requirement: torch==2.13.0 (PyPI's CUDA 13 build, which needs an
+#                    NVIDIA driver >= 580) by default; for an older driver pick a CUDA 12 build,
+#                    e.g. TORCH_SPEC=torch==2.13.0+cu126 with
+#                    TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126.
+#                    The CPU image uses torch==2.13.0+cpu.
+#   TORCH_INDEX_URL  an extra index for torch (e.g. https://download.pytorch.org/whl/cpu or
+#                    .../cu126); empty = PyPI and the wheel directory only
+#   WHEEL_DIR        a directory inside the build context whose wheels pip prefers to any index
+#                    (deploy/docker/wheels by default; see its README)
+ARG BASE_IMAGE=python:3.11-slim
+ARG WHEEL_DIR=deploy/docker/wheels
+
+FROM scratch AS wheels
+ARG WHEEL_DIR
+COPY ${WHEEL_DIR}/ /
+
+FROM ${BASE_IMAGE}
+LABEL maskstream.image=trainer
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX_URL=
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv \
+    && useradd --create-home --uid 10001 --user-group maskstream \
+    && install -d -o maskstream -g maskstream /cache /runs
+
+# torch first, in its own layer: code changes do not reinstall it. The wheels are
+# bind-mounted for this step only, so a wheel never lands in a layer twice.
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    pip install --find-links /wheels \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" \
+    && python -W ignore -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY services ./services
+COPY deploy/docker/trainer-entrypoint.sh /usr/local/bin/trainer-entrypoint
+RUN --mount=type=bind,from=wheels,target=/wheels pip install --find-links /wheels ".[trainer]"
+
+USER maskstream
+ENV CACHE_DIR=/cache OUT_DIR=/runs/default NPROC_PER_NODE=gpu
+EXPOSE 9200
+ENTRYPOINT ["trainer-entrypoint"]
