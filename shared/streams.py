@@ -113,7 +113,7 @@ def connect(
         redis_connect_func=on_connect,
         password=password,
         socket_timeout=max(10.0, block_s + 5.0),
-        socket_connect_timeout=5.0,
+        socket_connect_timeout=2.0,
         socket_keepalive=True,
         health_check_interval=30,
         retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
