@@ -256,16 +256,6 @@ class TrainSettings(_Base):
     wandb_project: str = "maskstream"
 
 
-_GROUPS: tuple[type[_Base], ...] = (
-    RunSettings,
-    DataSettings,
-    ProducerSettings,
-    LocalSettings,
-    AutoscalerSettings,
-    ModelSettings,
-    TrainSettings,
-)
-
 _preset_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "preset_values", default=None
 )
@@ -492,7 +482,7 @@ def help_text() -> str:
         "Settings: defaults < preset (--preset=NAME or PRESET) < environment (KEY=value)"
         " < command line (--key=value).",
     ]
-    for group in _GROUPS:
+    for group in Settings.__bases__:  # the groups, in --help order
         lines.append(f"\n[{group.__name__.removesuffix('Settings').lower()}]")
         for name in group.__annotations__:
             info = Settings.model_fields[name]

@@ -29,6 +29,21 @@ def pytest_collection_modifyitems(config, items) -> None:
     if len(chosen) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in chosen])
         items[:] = chosen
+
+
+# A recipe small enough for real producer and trainer processes on 2 cores.
+SMALL_RECIPE = [
+    "--preset=tiny",
+    "--batch_size=8",
+    "--block_size=64",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=64",
+    "--val_batches=4",
+    "--eval_iters=4",
+    "--torch_threads=1",
+    "--log_interval_s=60",
+]
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 

@@ -27,26 +27,13 @@ from services.autoscaler.signals import read_signals
 from shared.codec import Batch, encode
 from shared.redis_server import free_port
 from shared.streams import PAYLOAD_FIELD, StreamKeys
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, SMALL_RECIPE, wait_until
 from tests.promql import all_queries
 
 pytestmark = pytest.mark.slow
 
 KEYS = StreamKeys("maskstream")
-SMALL = [
-    "--preset=tiny",
-    "--batch_size=8",
-    "--block_size=64",
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=64",
-    "--val_batches=4",
-    "--eval_iters=4",
-    "--eval_interval=20",
-    "--torch_threads=1",
-    "--log_interval_s=60",
-    "--max_backlog=64",
-]
+SMALL = [*SMALL_RECIPE, "--eval_interval=20", "--max_backlog=64"]
 
 
 def need(binary: str, package: str) -> str:

@@ -22,24 +22,12 @@ from services.trainer.train import learning_rate
 from shared.codec import Batch, decode, encode
 from shared.settings import load_settings
 from shared.streams import PAYLOAD_FIELD, StreamKeys
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, SMALL_RECIPE, wait_until
 
 pytestmark = pytest.mark.slow
 
 KEYS = StreamKeys("maskstream")
-SMALL = [
-    "--preset=tiny",
-    "--batch_size=8",
-    "--block_size=64",
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=64",
-    "--val_batches=4",
-    "--eval_iters=4",
-    "--log_interval=5",
-    "--torch_threads=1",
-    "--log_interval_s=60",
-]
+SMALL = [*SMALL_RECIPE, "--log_interval=5"]
 
 
 def env() -> dict[str, str]:
