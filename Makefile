@@ -7,8 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-producer bench-trainer producer trainer sample clean
-.PHONY: up down scale logs train-gpu test-containers
+.PHONY: help install demo test test-fast lint format bench bench-producer bench-trainer bench-autoscaler producer trainer sample clean
+.PHONY: up down scale logs train-gpu test-containers test-autoscale
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -38,13 +38,16 @@ format: install ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-producer bench-trainer ## every benchmark
+bench: bench-producer bench-trainer bench-autoscaler ## every benchmark
 
 bench-producer: install ## producer masking/encoding, codec and Redis throughput on one core
 	$(PY) -m benchmarks.bench_producer
 
 bench-trainer: install ## trainer tokens/s fed from Redis vs from memory, and its data-wait share
 	$(PY) -m benchmarks.bench_trainer $(ARGS)
+
+bench-autoscaler: install ## the autoscaler policy simulated against changing demand
+	$(PY) -m benchmarks.bench_autoscaler $(ARGS)
 
 producer: install ## one producer against REDIS_URL (pass settings as ARGS="--key=value ...")
 	$(PY) -m services.producer $(ARGS)
@@ -86,6 +89,9 @@ $(VENV)/.podman-compose: $(VENV)/.installed
 
 test-containers: install $(VENV)/.podman-compose ## container test: images on a local Debian base, stack up (2->3 producers, CPU trainer), checked in Prometheus; root + podman
 	MASKSTREAM_CONTAINER_TEST=1 $(PY) -m pytest tests/test_containers.py $(PYTEST_ARGS)
+
+test-autoscale: install $(VENV)/.podman-compose ## autoscaler test: the stack on Podman's Docker API, 1 starved producer scaled up, then back to the minimum; root + podman
+	MASKSTREAM_CONTAINER_TEST=1 $(PY) -m pytest tests/test_autoscale_containers.py $(PYTEST_ARGS)
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

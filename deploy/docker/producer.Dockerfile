@@ -1,5 +1,7 @@
 # The producer image: numpy, redis-py, msgpack, pydantic-settings and no torch: about 120 MB
-# over the base image, against about 1 GB for the CPU trainer. Build arguments:
+# over the base image, against about 1 GB for the CPU trainer. The autoscaler service runs the
+# same image (`python -m services.autoscaler`), so it also has the docker SDK (the `autoscaler`
+# extra: docker, requests, urllib3; a few MB). Build arguments:
 #   BASE_IMAGE  any Debian-like image with python3 >= 3.10 and its venv module
 #               (python:3.11-slim by default; a local image for air-gapped builds)
 #   WHEEL_DIR   a directory inside the build context whose wheels pip prefers to any index
@@ -27,7 +29,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 # The wheels are bind-mounted for this step only: they never land in a layer.
-RUN --mount=type=bind,from=wheels,target=/wheels pip install --find-links /wheels .
+RUN --mount=type=bind,from=wheels,target=/wheels pip install --find-links /wheels ".[autoscaler]"
 
 USER maskstream
 ENV CACHE_DIR=/cache

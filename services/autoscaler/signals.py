@@ -66,13 +66,21 @@ def read_signals(
         # Trainers that finish no step at all and find the queue empty are
         # waiting all the time: their wait never shows up as a completed step.
         wait_share = 1.0
+    consumed = values["consumed"]
+    if not values["trainers_up"] > 0:  # NaN (no target up) or 0
+        # No trainer answers its scrape (none running, paused, stopped): no demand to measure.
+        # Their last series go stale within the window and would leave the policy holding
+        # (no_signal) while producers fill a queue nobody reads. Zero demand and zero wait are
+        # never a reason to scale up; down only when Redis shows the queue full and the
+        # producers waiting on backpressure.
+        consumed, wait_share = 0.0, 0.0
     scraped = values["producers_up"]
     backpressure = values["backpressure"] / scraped if scraped > 0 else math.nan
     return Signals(
         time_s=time.monotonic(),
         producers=producers,
         data_wait_share=wait_share,
-        consumed_per_s=values["consumed"],
+        consumed_per_s=consumed,
         produced_per_s=0.0 if producers == 0 else values["produced"],
         queue_length=queue_length,
         max_backlog=max_backlog,

@@ -1,0 +1,464 @@
+"""The autoscaler in the compose stack, on Podman's Docker API (``make test-autoscale``; CI
+runs it).
+
+- Static checks of the ``autoscaler`` service in docker-compose.yml (profile, engine socket,
+  settings, port). They need PyYAML only.
+- The stack itself, built and run like tests/test_containers.py (root, podman, a debootstrapped
+  Debian base, the air-gapped override; its helpers and image cache are reused), plus:
+  Podman's Docker-compatible API (``podman system service``) on a private socket mounted into
+  the autoscaler (profile ``autoscale``); ONE producer rate-limited to RATE_LIMIT batches/s,
+  which starves the CPU trainer (the tiny preset eats 5-9 batches/s here); the trainer's
+  iteration limit lifted so it trains for the whole test.
+
+  1. Up: the producer count must rise, seen in the engine's container list (compose labels,
+     through the docker SDK, and podman's own), in Prometheus (``up`` of the producer job) and
+     in the autoscaler's ``actual_producers``, until the trainer's data-wait share
+     (Prometheus, over RATE_WINDOW) is under the threshold.
+  2. Down: the trainer is paused (``podman pause``): nobody consumes, the queue fills, the
+     producers wait on backpressure, and the autoscaler must bring them back to the minimum.
+
+  Every sample (every SAMPLE_S) must see the count within [MIN_PRODUCERS, MAX_PRODUCERS]; the
+  samples are printed as a timeline. Marked ``container``: collected only with
+  MASKSTREAM_CONTAINER_TEST=1, which ``make test-autoscale`` sets (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.test_containers import (
+    BASE_IMAGE,
+    PROJECT,
+    REPO,
+    Prometheus,
+    Stack,
+    _containers_conf,
+    _corpus,
+    _free_port,
+    _load_yaml,
+    _run,
+    _torch_cpu_wheel,
+    stack_test,
+)
+
+MIN_PRODUCERS = 1
+MAX_PRODUCERS = 6
+# Batches/s per producer. The trainer eats 5-9 batches/s in its container here (2 cores shared
+# with the producers, Prometheus and the API): one producer starves it, 3-4 feed it, and the
+# maximum leaves room above that, so the test sees sizing, not clamping.
+RATE_LIMIT = 3
+STARVE_THRESHOLD = 0.05
+# The policy wants cooldown_s > the rates' window + a replica's start-up (a few seconds
+# here): otherwise a step is sized from rates that do not show the previous one yet.
+RATE_WINDOW = "20s"
+AUTOSCALE = {
+    "MIN_PRODUCERS": str(MIN_PRODUCERS),
+    "MAX_PRODUCERS": str(MAX_PRODUCERS),
+    "STARVE_THRESHOLD": str(STARVE_THRESHOLD),
+    "RATE_WINDOW": RATE_WINDOW,
+    "AUTOSCALE_INTERVAL_S": "3",
+    "COOLDOWN_S": "30",
+    "CONFIRM": "2",
+}
+SAMPLE_S = 3.0
+UP_TIMEOUT_S = 420  # from `up` to a fed trainer
+DOWN_TIMEOUT_S = 240  # from the pause to the minimum
+
+# What only this test changes: the producers' rate limit, and a trainer that outlives it
+# (the tiny preset stops after 1000 iterations, about two minutes).
+OVERRIDE = f"""\
+services:
+  producer:
+    environment:
+      RATE_LIMIT: "{RATE_LIMIT}"
+  trainer-cpu:
+    environment:
+      MAX_ITERS: "1000000"
+      LR_DECAY_ITERS: "1000000"
+"""
+
+
+def _say(pytestconfig, message: str) -> None:
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"[autoscale] {message}", flush=True)
+
+
+# ------------------------------------------------------------------ static checks
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _load_yaml(REPO / "docker-compose.yml")
+
+
+def test_autoscaler_service(compose):
+    from shared.settings import Settings
+
+    services = compose["services"]
+    autoscaler = services["autoscaler"]
+    assert autoscaler["profiles"] == ["autoscale"]
+    assert autoscaler["entrypoint"] == ["python", "-m", "services.autoscaler"]
+    # The producers' image, which carries the docker SDK for it.
+    assert autoscaler["image"] == services["producer"]["image"]
+    dockerfile = (REPO / "deploy/docker/producer.Dockerfile").read_text()
+    assert '".[autoscaler]"' in dockerfile
+    env = autoscaler["environment"]
+    assert env["PROMETHEUS_URL"] == "http://prometheus:9090"
+    assert env["COMPOSE_PROJECT"] == "${COMPOSE_PROJECT_NAME:-maskstream}"
+    assert env["PRODUCER_SERVICE"] == "producer"
+    assert env["AUTOSCALER_METRICS_PORT"] == "9300"
+    assert env["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    assert env["DOCKER_HOST"] == "unix:///var/run/docker.sock"
+    for name in AUTOSCALE:
+        assert f"${{{name}:-" in env[name], name
+    # Every variable but DOCKER_HOST (the SDK's) is a setting: no typo goes unnoticed.
+    unknown = {k for k in env if k.lower() not in Settings.model_fields} - {"DOCKER_HOST"}
+    assert not unknown
+    assert autoscaler["expose"] == ["9300"]
+    assert "ports" not in autoscaler
+    # The engine socket is root on the host: only the autoscaler mounts it (as root, see the
+    # note in docker-compose.yml).
+    socket_mount = "${DOCKER_SOCKET:-/var/run/docker.sock}:/var/run/docker.sock"
+    assert autoscaler["volumes"] == [socket_mount]
+    assert autoscaler["user"] == "root"
+    for name, service in services.items():
+        if name != "autoscaler":
+            assert not any("docker.sock" in str(v) for v in service.get("volumes", [])), name
+    prometheus = _load_yaml(REPO / "deploy/prometheus/prometheus.yml")
+    (job,) = (j for j in prometheus["scrape_configs"] if j["job_name"] == "autoscaler")
+    assert job["dns_sd_configs"] == [
+        {"names": ["autoscaler"], "type": "A", "port": 9300, "refresh_interval": "5s"}
+    ]
+    # The air-gapped override builds it on the local base, like the producer.
+    airgap = _load_yaml(REPO / "deploy/compose/airgap.yml")["services"]
+    assert airgap["autoscaler"]["build"]["args"] == airgap["producer"]["build"]["args"]
+
+
+# ------------------------------------------------------------------ the stack on podman
+
+
+@dataclass
+class Sample:
+    t: float  # seconds since `up`
+    phase: str
+    engine: int  # running producers, docker SDK, compose labels
+    podman: int  # the same from `podman ps`
+    prom_up: float | None  # count(up{job="producer"} == 1)
+    actual: float | None  # maskstream_autoscaler_actual_producers
+    desired: float | None
+    wait: float | None  # the trainer's data-wait share over RATE_WINDOW
+    queue: float | None  # maskstream:train length (the exporter's)
+    reasons: str  # decisions since the previous sample, by reason
+
+    HEADER = "     t  phase    engine podman prom_up actual desired   wait queue  decisions"
+
+    def row(self) -> str:
+        def num(v: float | None, width: int) -> str:
+            return f"{v:{width}.0f}" if v is not None else " " * (width - 1) + "-"
+
+        wait = f"{100 * self.wait:5.1f}%" if self.wait is not None else "     -"
+        return (
+            f"{self.t:5.0f}s  {self.phase:7}  {self.engine:6d} {self.podman:6d} "
+            f"{num(self.prom_up, 7)} {num(self.actual, 6)} {num(self.desired, 7)} "
+            f"{wait} {num(self.queue, 5)}  {self.reasons}"
+        )
+
+
+@dataclass
+class Rig:
+    stack: Stack
+    engine: object  # docker.DockerClient on Podman's API
+    prom: Prometheus
+    pytestconfig: object
+    started: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+    _decisions: dict[str, float] = field(default_factory=dict)
+
+    def running_producers(self) -> tuple[int, int]:
+        """Running producer replicas: the docker SDK with the compose labels (what the
+        autoscaler counts), and podman's own list with podman-compose's labels."""
+        from services.autoscaler.engine import PROJECT_LABEL, SERVICE_LABEL
+
+        labels = [f"{PROJECT_LABEL}={PROJECT}", f"{SERVICE_LABEL}=producer"]
+        sdk = self.engine.containers.list(filters={"label": labels, "status": "running"})
+        listed = self.stack.podman(
+            "ps", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}",
+            "--filter", "label=io.podman.compose.service=producer",
+            "--filter", "status=running",
+        )  # fmt: skip
+        return len(sdk), len(listed.split())
+
+    def decisions(self) -> str:
+        """Decisions since the last call, by reason (from the autoscaler's counter)."""
+        result = self.prom._get("query", query="maskstream_autoscaler_decisions_total")
+        now = {
+            s["metric"].get("reason", "?"): float(s["value"][1]) for s in result.get("result", [])
+        }
+        new = {r: v - self._decisions.get(r, 0.0) for r, v in now.items()}
+        self._decisions = now
+        return " ".join(f"{r}:{n:.0f}" for r, n in sorted(new.items()) if n > 0)
+
+    def sample(self, phase: str) -> Sample:
+        engine, listed = self.running_producers()
+        w = RATE_WINDOW
+        wait = self.prom.value(
+            f"sum(rate(maskstream_trainer_data_wait_seconds_sum[{w}])) "
+            f"/ sum(rate(maskstream_trainer_step_seconds_sum[{w}]))"
+        )
+        sample = Sample(
+            t=time.monotonic() - self.started,
+            phase=phase,
+            engine=engine,
+            podman=listed,
+            prom_up=self.prom.value('count(up{job="producer"} == 1)'),
+            actual=self.prom.value("maskstream_autoscaler_actual_producers"),
+            desired=self.prom.value("maskstream_autoscaler_desired_producers"),
+            wait=None if wait is None or math.isnan(wait) else wait,
+            queue=self.prom.value('redis_stream_length{stream="maskstream:train"}'),
+            reasons=self.decisions(),
+        )
+        self.samples.append(sample)
+        _say(self.pytestconfig, sample.row())
+        self.check_bounds(sample)
+        return sample
+
+    def check_bounds(self, s: Sample) -> None:
+        counts = {"engine": s.engine, "podman": s.podman, "prom_up": s.prom_up}
+        if self._decisions:  # the gauges are 0 until the autoscaler's first decision
+            counts |= {"actual": s.actual, "desired": s.desired}
+        for name, count in counts.items():
+            if count is not None and not MIN_PRODUCERS <= count <= MAX_PRODUCERS:
+                self.fail(f"{name} = {count} left [{MIN_PRODUCERS}, {MAX_PRODUCERS}]")
+
+    def timeline(self) -> str:
+        return "\n".join([Sample.HEADER, *(s.row() for s in self.samples)])
+
+    def autoscaler_log(self) -> str:
+        names = self.stack.containers("autoscaler")
+        if not names:
+            return "(no autoscaler container)"
+        out = subprocess.run(
+            ["podman", "logs", names[0]],
+            env=self.stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return out.stdout + out.stderr
+
+    def fail(self, why: str) -> None:
+        pytest.fail(
+            f"{why}\n\ntimeline:\n{self.timeline()}\n\nautoscaler log:\n"
+            f"{self.autoscaler_log()[-6000:]}\n\n{self.stack.logs()}"
+        )
+
+
+def _start_api(sock: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`podman system service` on ``sock`` (no idle timeout), in the background."""
+    args = ["podman", "system", "service", "--time=0", f"unix://{sock}"]
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(args)}\n")
+        out.flush()
+        return subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop_autoscaler(stack: Stack) -> None:
+    """Before anything else stops: it would replace the producers a teardown stops."""
+    names = stack.containers("autoscaler")
+    if names:
+        stack.podman("stop", "-t", "30", *names, check=False)
+
+
+def _stop_api(api: subprocess.Popen) -> None:
+    if api.poll() is None:
+        api.terminate()
+        try:
+            api.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            api.kill()
+            api.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory, pytestconfig) -> Iterator[Rig]:
+    if os.geteuid() != 0:
+        pytest.fail("the container test runs as root (debootstrap, rootful podman)")
+    missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
+    if missing:
+        pytest.fail(f"missing {missing}: apt-get install podman runc debootstrap (see .ci/run)")
+    docker = pytest.importorskip("docker", reason="the docker SDK (make install installs it)")
+    tmp = tmp_path_factory.mktemp("autoscale")
+    log = tmp / "podman.log"
+    sock = tmp / "podman.sock"  # a private API socket: the machine's own stays untouched
+    override = tmp / "autoscale.yml"
+    override.write_text(OVERRIDE)
+    env = dict(os.environ)
+    env.update(
+        CONTAINERS_CONF=str(_containers_conf(tmp / "containers.conf")),
+        REDIS_PASSWORD=secrets.token_hex(16),
+        CORPUS_FILE=str(_corpus(tmp)),
+        DEBIAN_BASE_IMAGE=BASE_IMAGE,
+        PRESET="tiny",
+        PRODUCER_REPLICAS=str(MIN_PRODUCERS),
+        BIND_ADDRESS="127.0.0.1",
+        PROMETHEUS_PORT=str(_free_port()),
+        REDIS_PORT=str(_free_port()),
+        GRAFANA_PORT=str(_free_port()),
+        COMPOSE_PROJECT_NAME=PROJECT,
+        DOCKER_SOCKET=str(sock),
+        **AUTOSCALE,
+    )
+    env.pop("COMPOSE_PROFILES", None)
+    env.pop("DOCKER_HOST", None)
+    stack = Stack(env, log)
+    # test_containers.py's stack, plus this test's override file and the autoscale profile.
+    at = stack.compose.index("--profile")
+    stack.compose[at:at] = ["-f", str(override)]
+    stack.compose += ["--profile", "autoscale"]
+    _say(pytestconfig, f"log: {log}")
+
+    started = time.monotonic()
+    seconds = _run(["deploy/docker/debian-base.sh", BASE_IMAGE], env, log, timeout=900)
+    _say(pytestconfig, f"Debian base image {BASE_IMAGE}: {seconds:.0f} s")
+    wheel = _torch_cpu_wheel()
+    if wheel is not None:
+        wheels = REPO / "deploy/docker/wheels"
+        if not (wheels / wheel.name).exists():
+            shutil.copy2(wheel, wheels / wheel.name)
+        env["TORCH_CPU_INDEX_URL"] = ""
+    _stop_autoscaler(stack)  # leftovers of an interrupted run (this one or test_containers.py's)
+    stack.remove()
+    # The autoscaler runs the producer image: three builds, all cached after
+    # `make test-containers`.
+    for service in ("redis", "producer", "trainer-cpu"):
+        seconds = stack("build", service, timeout=1200)
+        _say(pytestconfig, f"built {service}'s image: {seconds:.0f} s")
+
+    api = _start_api(sock, env, log)
+    engine = None
+    try:
+        deadline = time.monotonic() + 60
+        while engine is None:
+            with contextlib.suppress(docker.errors.DockerException):
+                client = docker.DockerClient(base_url=f"unix://{sock}", timeout=60)
+                client.ping()
+                engine = client
+            if engine is None:
+                if api.poll() is not None or time.monotonic() > deadline:
+                    tail = "\n".join(log.read_text().splitlines()[-20:])
+                    pytest.fail(f"Podman's API did not answer on {sock}:\n{tail}")
+                time.sleep(0.5)
+        version = engine.version()
+        _say(
+            pytestconfig,
+            f"Podman API on {sock}: {version.get('Version')} (API {version.get('ApiVersion')}); "
+            f"setup {time.monotonic() - started:.0f} s",
+        )
+        rig = Rig(stack, engine, Prometheus(int(env["PROMETHEUS_PORT"])), pytestconfig)
+        yield rig
+    finally:
+        torn = time.monotonic()
+        for name in stack.containers("trainer-cpu"):
+            stack.podman("unpause", name, check=False)
+        _stop_autoscaler(stack)
+        stack.remove()
+        if engine is not None:
+            engine.close()
+        _stop_api(api)
+        stack.podman("image", "prune", "-f", "--filter", "label=maskstream.image", check=False)
+        _say(pytestconfig, f"torn down: {time.monotonic() - torn:.0f} s")
+        assert not stack.containers(), "containers left behind"
+
+
+@stack_test
+@pytest.mark.slow
+def test_autoscaler_feeds_a_starved_trainer_then_scales_back(rig: Rig):
+    stack, prom, say = rig.stack, rig.prom, lambda m: _say(rig.pytestconfig, m)
+    rig.started = time.monotonic()
+    stack("up", "-d")
+    say(f"up: {time.monotonic() - rig.started:.0f} s")
+    assert len(stack.containers("producer")) == MIN_PRODUCERS
+    (autoscaler,) = stack.containers("autoscaler")
+    (trainer,) = stack.containers("trainer-cpu")
+    # Root in the autoscaler only (the engine socket's owner; see docker-compose.yml).
+    assert stack.podman("exec", autoscaler, "id", "-u").strip() == "0"
+
+    def until(phase: str, done, timeout: float, what: str) -> Sample:
+        deadline = time.monotonic() + timeout
+        while True:
+            sample = rig.sample(phase)
+            if done(sample):
+                return sample
+            if time.monotonic() > deadline:
+                rig.fail(f"{phase}: no {what} after {timeout:.0f} s")
+            time.sleep(SAMPLE_S)
+
+    say(Sample.HEADER)
+    # 1. One producer starves the trainer: the count rises until the wait share is under
+    # the threshold, and every view of the count agrees.
+    fed = until(
+        "starved",
+        lambda s: (
+            s.engine > MIN_PRODUCERS
+            and s.wait is not None
+            and s.wait < STARVE_THRESHOLD
+            and s.engine == s.podman == s.prom_up == s.actual
+        ),
+        UP_TIMEOUT_S,
+        f"trainer fed (wait share < {STARVE_THRESHOLD:.0%}) with the counts agreeing",
+    )
+    starved = [s.wait for s in rig.samples if s.wait is not None and s.engine == MIN_PRODUCERS]
+    assert starved and max(starved) > STARVE_THRESHOLD, "the trainer was never starved"
+    peak = max(s.engine for s in rig.samples)
+    fed_at = fed.t
+    say(f"fed with {fed.engine} producers after {fed_at:.0f} s (peak {peak})")
+    # Prometheus finds the autoscaler by its service name, on 9300.
+    (target,) = prom.targets("autoscaler").items()
+    assert target[0].endswith(":9300") and target[1] == "up", target
+
+    # 2. Nobody consumes: the queue fills, producers wait on backpressure, back to the minimum.
+    stack.podman("pause", trainer)
+    paused_at = time.monotonic() - rig.started
+    say(f"paused {trainer} at {paused_at:.0f} s")
+    try:
+        low = until(
+            "paused",
+            lambda s: s.engine == s.podman == s.prom_up == s.actual == MIN_PRODUCERS,
+            DOWN_TIMEOUT_S,
+            f"scale-down to {MIN_PRODUCERS} producer(s)",
+        )
+    finally:
+        stack.podman("unpause", trainer, check=False)
+    say(f"back to {low.engine} after {low.t - paused_at:.0f} s paused")
+
+    changes = [
+        line
+        for line in rig.autoscaler_log().splitlines()
+        if re.search(r"\d+ -> \d+ producers|started |stopped and removed", line)
+    ]
+    say("autoscaler changes:\n" + "\n".join(changes))
+    say(
+        f"timeline ({len(rig.samples)} samples every ~{SAMPLE_S:.0f} s):\n{rig.timeline()}\n"
+        f"summary: fed after {fed_at:.0f} s at {fed.engine} producers (peak {peak}), "
+        f"paused at {paused_at:.0f} s, at {MIN_PRODUCERS} after {low.t - paused_at:.0f} s, "
+        f"total {time.monotonic() - rig.started:.0f} s"
+    )
+    assert MIN_PRODUCERS < peak <= MAX_PRODUCERS
+    # Both changes were the autoscaler's, for the expected reasons.
+    for pattern in (r"starving: 1 -> \d+ producers", rf"queue_full: \d+ -> {MIN_PRODUCERS} "):
+        assert any(re.search(pattern, line) for line in changes), (pattern, changes)
