@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docker
 import pytest
 
 from tests.test_containers import (
@@ -50,6 +51,7 @@ from tests.test_containers import (
     _load_yaml,
     _run,
     _torch_cpu_wheel,
+    require_container_tools,
     stack_test,
 )
 
@@ -296,12 +298,7 @@ def _stop_api(api: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory, pytestconfig) -> Iterator[Rig]:
-    if os.geteuid() != 0:
-        pytest.fail("the container test runs as root (debootstrap, rootful podman)")
-    missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
-    if missing:
-        pytest.fail(f"missing {missing}: apt-get install podman runc debootstrap (see .ci/run)")
-    docker = pytest.importorskip("docker", reason="the docker SDK (make install installs it)")
+    require_container_tools()
     tmp = tmp_path_factory.mktemp("autoscale")
     log = tmp / "podman.log"
     sock = tmp / "podman.sock"  # a private API socket: the machine's own stays untouched

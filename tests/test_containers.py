@@ -295,13 +295,18 @@ class Stack:
                 self.podman(kind, "rm", "-f", *names.split(), check=False)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
+def require_container_tools() -> None:
+    """Fail, with what to install, where the container tests cannot run."""
     if os.geteuid() != 0:
         pytest.fail("the container test runs as root (debootstrap, rootful podman)")
     missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
     if missing:
         pytest.fail(f"missing {missing}: apt-get install podman runc debootstrap (see .ci/run)")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
+    require_container_tools()
     tmp = tmp_path_factory.mktemp("containers")
     log = tmp / "podman.log"
     env = dict(os.environ)
