@@ -101,10 +101,11 @@ class Producer:
         self.keys = StreamKeys(settings.namespace)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         password = settings.redis_password.get_secret_value() if settings.redis_password else None
-        # No silent retries inside redis-py: a lost connection must reach run(),
-        # which re-checks the contract before anything else is written.
         self.meta = make_meta(contract_of(settings, provider), self.token)
         self.fingerprint: str = self.meta["fingerprint"]
+        # No silent retries inside redis-py: a lost connection reaches run(). And every
+        # new connection, redis-py's own reconnections included, checks (or restores) the
+        # contract before it serves anything else (ContractGuard).
         self.guard = ContractGuard(self.keys, self.meta)
         self.client = connect(settings.redis_url, password, retries=0, on_connect=self.guard)
         self._connections_seen = 0
