@@ -117,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     say(f"redis {server.version()} on port {server.port} ({server.binary})")
     child_args = [*argv, f"--redis_url={server.url}"]
-    producers = [spawn("services.producer", child_args) for _ in range(settings.local_producers)]
+    # One metrics port each (9100, 9101, ...): they share this host's network.
+    producers = [
+        spawn("services.producer", [*child_args, f"--metrics_port={settings.metrics_port + i}"])
+        if settings.metrics_port
+        else spawn("services.producer", child_args)
+        for i in range(settings.local_producers)
+    ]
     trainer = spawn("services.trainer", child_args)
     say(f"{len(producers)} producers and a trainer started; Ctrl-C stops them cleanly")
     try:
