@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
-import secrets
 import shutil
 import subprocess
 import time
@@ -45,13 +43,11 @@ from tests.test_containers import (
     REPO,
     Prometheus,
     Stack,
-    _containers_conf,
-    _corpus,
-    _free_port,
     _load_yaml,
     _run,
     _torch_cpu_wheel,
     require_container_tools,
+    stack_env,
     stack_test,
 )
 
@@ -304,23 +300,9 @@ def rig(tmp_path_factory, pytestconfig) -> Iterator[Rig]:
     sock = tmp / "podman.sock"  # a private API socket: the machine's own stays untouched
     override = tmp / "autoscale.yml"
     override.write_text(OVERRIDE)
-    env = dict(os.environ)
-    env.update(
-        CONTAINERS_CONF=str(_containers_conf(tmp / "containers.conf")),
-        REDIS_PASSWORD=secrets.token_hex(16),
-        CORPUS_FILE=str(_corpus(tmp)),
-        DEBIAN_BASE_IMAGE=BASE_IMAGE,
-        PRESET="tiny",
-        PRODUCER_REPLICAS=str(MIN_PRODUCERS),
-        BIND_ADDRESS="127.0.0.1",
-        PROMETHEUS_PORT=str(_free_port()),
-        REDIS_PORT=str(_free_port()),
-        GRAFANA_PORT=str(_free_port()),
-        COMPOSE_PROJECT_NAME=PROJECT,
-        DOCKER_SOCKET=str(sock),
-        **AUTOSCALE,
+    env = stack_env(
+        tmp, MIN_PRODUCERS, COMPOSE_PROJECT_NAME=PROJECT, DOCKER_SOCKET=str(sock), **AUTOSCALE
     )
-    env.pop("COMPOSE_PROFILES", None)
     env.pop("DOCKER_HOST", None)
     stack = Stack(env, log)
     # test_containers.py's stack, plus this test's override file and the autoscale profile.

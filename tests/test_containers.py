@@ -304,11 +304,9 @@ def require_container_tools() -> None:
         pytest.fail(f"missing {missing}: apt-get install podman runc debootstrap (see .ci/run)")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
-    require_container_tools()
-    tmp = tmp_path_factory.mktemp("containers")
-    log = tmp / "podman.log"
+def stack_env(tmp: Path, producers: int, **extra: str) -> dict[str, str]:
+    """The environment of a compose run under test: private ports, a fresh Redis
+    password, the local Debian base, the corpus file, ``producers`` replicas."""
     env = dict(os.environ)
     env.update(
         CONTAINERS_CONF=str(_containers_conf(tmp / "containers.conf")),
@@ -316,13 +314,23 @@ def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
         CORPUS_FILE=str(_corpus(tmp)),
         DEBIAN_BASE_IMAGE=BASE_IMAGE,
         PRESET="tiny",
-        PRODUCER_REPLICAS="2",
+        PRODUCER_REPLICAS=str(producers),
         BIND_ADDRESS="127.0.0.1",
         PROMETHEUS_PORT=str(_free_port()),
         REDIS_PORT=str(_free_port()),
         GRAFANA_PORT=str(_free_port()),
+        **extra,
     )
     env.pop("COMPOSE_PROFILES", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
+    require_container_tools()
+    tmp = tmp_path_factory.mktemp("containers")
+    log = tmp / "podman.log"
+    env = stack_env(tmp, producers=2)
     stack = Stack(env, log)
     _say(pytestconfig, f"log: {log}")
 
