@@ -29,7 +29,7 @@ import torch
 from services.trainer.feed import MicroBatch
 from services.trainer.train import Trainer
 from shared.redis_server import RedisServer
-from shared.settings import load_settings
+from shared.settings import TrainerConfig, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO, TARGET_WAIT = 0.97, 0.02
@@ -85,8 +85,11 @@ def main(argv: list[str]) -> int:
             for _ in range(2)
         ]
         try:
-            settings = load_settings([*args, "--out_dir=/tmp/maskstream-bench-trainer"])
-            trainer = Trainer(settings, threading.Event())
+            settings = load_settings(
+                [*args, "--out_dir=/tmp/maskstream-bench-trainer"], service=TrainerConfig
+            )
+            trainer = Trainer.start(settings, threading.Event())
+            assert trainer is not None  # never stopped: the event is never set
             stream_feed = trainer.feed
             stream_feed.start()
             for _ in range(5):  # warm up, and let the read-ahead fill

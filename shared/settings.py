@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import tomllib
@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from shared.codec import DEFAULT_MAX_BYTES
 from shared.masking import AnyStage, BernoulliStage, Stage
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -51,8 +52,23 @@ class _Base(BaseSettings):
         env_parse_none_str="null",
     )
 
+    def public_dict(self) -> dict[str, Any]:
+        """Every value, JSON-ready, secrets masked."""
+        return self.model_dump(mode="json")
+
+
+def _expand_path(value: Path | None) -> Path | None:
+    return value.expanduser() if value is not None else None
+
+
+# ------------------------------------------------------------------ groups
+# Each group holds the keys of one concern and checks only those. A service's
+# settings are the groups it reads (see the service classes further down).
+
 
 class RunSettings(_Base):
+    """Where the run's Redis is and how a process logs: every service."""
+
     preset: str | None = Field(
         None, description="preset name (shared/presets/<name>.toml) or path to a .toml/.json file"
     )
@@ -68,6 +84,8 @@ class RunSettings(_Base):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_interval_s: float = Field(10.0, gt=0, description="seconds between summary log lines")
 
+    _expand_run_paths = field_validator("redis_password_file", mode="after")(_expand_path)
+
     @field_validator("redis_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
@@ -80,8 +98,33 @@ class RunSettings(_Base):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _password_out_of_url(self) -> RunSettings:
+        url = urlsplit(self.redis_url)
+        if url.password is not None:
+            # Keep the password out of the URL, which gets logged: it lives on
+            # as a SecretStr (an explicit redis_password wins).
+            if self.redis_password is None:
+                object.__setattr__(self, "redis_password", SecretStr(unquote(url.password)))
+            host = url.netloc.rsplit("@", 1)[1]
+            user = f"{url.username}@" if url.username else ""
+            object.__setattr__(self, "redis_url", urlunsplit(url._replace(netloc=user + host)))
+        if self.redis_password_file is not None and self.redis_password is None:
+            try:
+                secret = self.redis_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"redis_password_file: cannot read it ({exc})") from exc
+            object.__setattr__(self, "redis_password", SecretStr(secret))
+        return self
+
+    def password(self) -> str | None:
+        """The Redis password in clear, for the client only (never log it)."""
+        return self.redis_password.get_secret_value() if self.redis_password else None
+
 
 class DataSettings(_Base):
+    """The dataset contract producers publish: corpus, batch shape, masking."""
+
     dataset: str = Field(
         "char_diffusion",
         pattern=r"^[a-z][a-z0-9_]*$",
@@ -112,28 +155,37 @@ class DataSettings(_Base):
     validation_stages: list[Stage] = Field(default_factory=list, description="validation stages")
     val_batches: int = Field(28, ge=1, description="size of the fixed validation set, in batches")
 
-    @field_validator(
-        "cache_dir",
-        "corpus_path",
-        "redis_password_file",
-        "out_dir",
-        "ack_log",
-        mode="after",
-        check_fields=False,
-    )
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    _expand_data_paths = field_validator("cache_dir", "corpus_path", mode="after")(_expand_path)
+
+    def stages(self, split: str) -> list[AnyStage]:
+        """Stages of ``split`` ("train" or "val"). Validation falls back to the
+        training stages, and those to classic BERT masking at mask_probability."""
+        if split == "val" and self.validation_stages:
+            return list(self.validation_stages)
+        if self.unmasking_stages:
+            return list(self.unmasking_stages)
+        return [BernoulliStage(type="bernoulli", masked_ratio=self.mask_probability)]
 
 
-class ProducerSettings(_Base):
+class QueueSettings(_Base):
+    """The stream's bounds, which producers enforce and trainers and the
+    autoscaler read."""
+
     max_backlog: int = Field(
         256, ge=1, description="entries a stream may hold before producers wait"
     )
-    send_batch: int = Field(8, ge=1, description="entries sent per Redis round trip")
     max_message_bytes: int = Field(
-        64 * 2**20, ge=1024, description="largest message a decoder accepts"
+        DEFAULT_MAX_BYTES, ge=1024, description="largest message a decoder accepts"
     )
+    dead_letter_maxlen: int = Field(
+        10_000, ge=1, description="dead-letter entries kept (oldest trimmed)"
+    )
+
+
+class ProducerSettings(_Base):
+    """How one producer replica sends."""
+
+    send_batch: int = Field(8, ge=1, description="entries sent per Redis round trip")
     producer_id: int | None = Field(
         None, ge=0, description="fixed producer id; unset = allocated from Redis"
     )
@@ -141,15 +193,14 @@ class ProducerSettings(_Base):
     stage_poll_interval_s: float = Field(
         1.0, gt=0, description="how often producers re-read the active stage"
     )
-    dead_letter_maxlen: int = Field(
-        10_000, ge=1, description="dead-letter entries kept (oldest trimmed)"
-    )
     metrics_port: int = Field(
         9100, ge=0, le=65535, description="producer's Prometheus port (0 = no metrics)"
     )
 
 
 class LocalSettings(_Base):
+    """The one-machine stack of ``python -m services.local``."""
+
     local_producers: int = Field(2, ge=1, description="producer processes of the local stack")
     local_seconds: float = Field(
         900.0, gt=0, description="the local stack stops the trainer after this long at most"
@@ -157,6 +208,10 @@ class LocalSettings(_Base):
 
 
 class AutoscalerSettings(_Base):
+    """The autoscaler's signals, policy and container engine. The policy's
+    cross-field rules live in services/autoscaler/policy.py (PolicyConfig),
+    checked once when the autoscaler starts."""
+
     prometheus_url: str = Field(
         "http://prometheus:9090", description="where the autoscaler reads rates and wait shares"
     )
@@ -190,15 +245,25 @@ class AutoscalerSettings(_Base):
 
 
 class ModelSettings(_Base):
+    """The Transformer's shape (bidirectional, rotary positions)."""
+
     n_layer: int = Field(8, ge=1)
     n_head: int = Field(8, ge=1)
     n_embd: int = Field(512, ge=8)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    attention: Literal["bidirectional"] = "bidirectional"
-    position_encoding: Literal["rotary"] = "rotary"
+
+    @model_validator(mode="after")
+    def _consistent_shape(self) -> ModelSettings:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("n_embd / n_head must be even for rotary position embeddings")
+        return self
 
 
 class TrainSettings(_Base):
+    """The optimizer, schedule, evaluation, checkpoints and acks of a run."""
+
     learning_rate: float = Field(5e-4, gt=0)
     min_lr: float = Field(5e-5, ge=0)
     warmup_iters: int = Field(500, ge=0)
@@ -255,6 +320,16 @@ class TrainSettings(_Base):
     wandb_log: bool = Field(False, description="log to Weights & Biases (needs wandb)")
     wandb_project: str = "maskstream"
 
+    _expand_train_paths = field_validator("out_dir", "ack_log", mode="after")(_expand_path)
+
+    @model_validator(mode="after")
+    def _consistent_schedule(self) -> TrainSettings:
+        if self.min_lr > self.learning_rate:
+            raise ValueError(
+                f"min_lr={self.min_lr} must not exceed learning_rate={self.learning_rate}"
+            )
+        return self
+
 
 _preset_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "preset_values", default=None
@@ -278,24 +353,20 @@ class _EnvSource(EnvSettingsSource):
 
 
 class _PresetSource(PydanticBaseSettingsSource):
-    """Values of the preset file chosen by ``load_settings``."""
+    """Values of the preset file chosen by ``load_settings``, the keys of this
+    service only (a preset is shared by every service)."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         raise NotImplementedError  # __call__ below returns the whole mapping at once
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_preset_values.get() or {})
+        fields = self.settings_cls.model_fields
+        return {k: v for k, v in (_preset_values.get() or {}).items() if k in fields}
 
 
-class Settings(
-    RunSettings,
-    DataSettings,
-    ProducerSettings,
-    LocalSettings,
-    AutoscalerSettings,
-    ModelSettings,
-    TrainSettings,
-):
+class _Service(_Base):
+    """Sources, first wins: command line (init kwargs), environment, preset."""
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -305,65 +376,59 @@ class Settings(
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # First wins: command line (passed as init kwargs), environment, preset.
         return init_settings, _EnvSource(settings_cls), _PresetSource(settings_cls)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Settings:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError("n_embd / n_head must be even for rotary position embeddings")
-        if self.min_producers > self.max_producers:
-            raise ValueError(
-                f"min_producers={self.min_producers} exceeds max_producers={self.max_producers}"
-            )
-        if self.min_lr > self.learning_rate:
-            raise ValueError(
-                f"min_lr={self.min_lr} must not exceed learning_rate={self.learning_rate}"
-            )
-        url = urlsplit(self.redis_url)
-        if url.password is not None:
-            # Keep the password out of the URL, which gets logged: it lives on
-            # as a SecretStr (an explicit redis_password wins).
-            if self.redis_password is None:
-                object.__setattr__(self, "redis_password", SecretStr(unquote(url.password)))
-            host = url.netloc.rsplit("@", 1)[1]
-            user = f"{url.username}@" if url.username else ""
-            object.__setattr__(self, "redis_url", urlunsplit(url._replace(netloc=user + host)))
-        if self.redis_password_file is not None and self.redis_password is None:
-            try:
-                secret = self.redis_password_file.read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"redis_password_file: cannot read it ({exc})") from exc
-            object.__setattr__(self, "redis_password", SecretStr(secret))
-        return self
+    @classmethod
+    def groups(cls) -> list[type[_Base]]:
+        """The groups this service reads, in --help order."""
+        return [base for base in cls.__bases__ if base is not _Service]
 
-    # -------------------------------------------------------------- helpers
 
-    def stages(self, split: str) -> list[AnyStage]:
-        """Stages of ``split`` ("train" or "val"). Validation falls back to the
-        training stages, and those to classic BERT masking at mask_probability."""
-        if split == "val" and self.validation_stages:
-            return list(self.validation_stages)
-        if self.unmasking_stages:
-            return list(self.unmasking_stages)
-        return [BernoulliStage(type="bernoulli", masked_ratio=self.mask_probability)]
+# ---------------------------------------------------------------- services
+# One class per service: the groups it reads, nothing else. Its --help lists
+# exactly these; a key of another service is accepted and ignored.
 
-    def public_dict(self) -> dict[str, Any]:
-        """Every value, JSON-ready, secrets masked."""
-        return self.model_dump(mode="json")
+
+class ProducerConfig(_Service, RunSettings, DataSettings, QueueSettings, ProducerSettings):
+    """``python -m services.producer``."""
+
+
+class TrainerConfig(_Service, RunSettings, QueueSettings, ModelSettings, TrainSettings):
+    """``python -m services.trainer``."""
+
+
+class AutoscalerConfig(_Service, RunSettings, QueueSettings, AutoscalerSettings):
+    """``python -m services.autoscaler``."""
+
+
+class Settings(
+    _Service,
+    RunSettings,
+    DataSettings,
+    QueueSettings,
+    ProducerSettings,
+    LocalSettings,
+    AutoscalerSettings,
+    ModelSettings,
+    TrainSettings,
+):
+    """Every key: the local stack, which runs every service, and the benchmarks."""
+
+
+S = TypeVar("S", bound=_Service)
 
 
 # ------------------------------------------------------------------ loading
 
 
-def _field_names() -> list[str]:
-    return list(Settings.model_fields)
+def known_keys() -> set[str]:
+    """Every key some service reads: the keys a preset, the environment or the
+    command line may name."""
+    return set(Settings.model_fields)
 
 
 def _unknown_key(key: str, where: str) -> SettingsError:
-    close = difflib.get_close_matches(key, _field_names(), n=3)
+    close = difflib.get_close_matches(key, sorted(known_keys()), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else " See --help for every setting."
     return SettingsError(f"unknown setting '{key}' ({where}).{hint}")
 
@@ -371,7 +436,7 @@ def _unknown_key(key: str, where: str) -> SettingsError:
 def parse_cli(argv: list[str]) -> tuple[dict[str, Any], bool]:
     """``--key=value`` pairs into a dict; returns (overrides, help_requested).
     A bare ``--flag`` sets a boolean to true. Values that look like JSON lists
-    or objects (stages) are parsed as JSON."""
+    or objects (stages) are parsed as JSON. Any service's key is accepted."""
     overrides: dict[str, Any] = {}
     wants_help = False
     fields = Settings.model_fields
@@ -425,7 +490,7 @@ def read_preset(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise SettingsError(f"preset file '{path}' must hold a table of settings")
     for key in values:
-        if key not in Settings.model_fields:
+        if key not in known_keys():
             raise _unknown_key(key, f"preset {path}")
     return values
 
@@ -441,7 +506,7 @@ def _describe(error: dict[str, Any]) -> str:
         shown = json.dumps(shown)[:200]
     fix = (
         f"set it with --{field}=<value>, the {field.upper()} environment variable or the preset"
-        if field in Settings.model_fields
+        if field in known_keys()
         else "check the settings"
     )
     return f"  {where} = {shown!r}: {error.get('msg')} ({fix})"
@@ -451,24 +516,28 @@ def load_settings(
     argv: list[str] | None = None,
     env: dict[str, str] | None = None,
     *,
+    service: type[S] = Settings,  # type: ignore[assignment]  # the default is one S
     exit_on_help: bool = True,
-) -> Settings:
-    """Build the settings from preset, environment and ``argv`` overrides.
+) -> S:
+    """Build ``service``'s settings from preset, environment and ``argv``.
 
+    Keys of other services are accepted and ignored (one preset or one
+    command line serves every service); keys no service knows are refused.
     ``env``, when given, is read instead of ``os.environ``.
     """
     argv = sys.argv[1:] if argv is None else argv
     overrides, wants_help = parse_cli(argv)
     if wants_help and exit_on_help:
-        print(help_text())
+        print(help_text(service))
         raise SystemExit(0)
+    overrides = {k: v for k, v in overrides.items() if k in service.model_fields}
     environ = os.environ if env is None else env
     preset_name = overrides.get("preset") or environ.get("PRESET") or environ.get("preset")
     preset_values = read_preset(resolve_preset(preset_name)) if preset_name else {}
     preset_token = _preset_values.set(preset_values)
     environ_token = _environ.set(None if env is None else dict(env))
     try:
-        return Settings(**overrides)
+        return service(**overrides)
     except ValidationError as exc:
         lines = "\n".join(_describe(e) for e in exc.errors())
         raise SettingsError(f"invalid settings:\n{lines}") from None
@@ -477,19 +546,22 @@ def load_settings(
         _environ.reset(environ_token)
 
 
-def help_text() -> str:
+def help_text(service: type[_Service] = Settings) -> str:
     lines = [
         "Settings: defaults < preset (--preset=NAME or PRESET) < environment (KEY=value)"
         " < command line (--key=value).",
     ]
-    for group in Settings.__bases__:  # the groups, in --help order
-        lines.append(f"\n[{group.__name__.removesuffix('Settings').lower()}]")
-        for name in group.__annotations__:
-            info = Settings.model_fields[name]
+    for group in service.groups():
+        name = group.__name__.removesuffix("Settings").lower()
+        lines.append(f"\n[{name}] {(group.__doc__ or '').strip()}")
+        for key in group.__annotations__:
+            if key.startswith("_"):
+                continue
+            info = service.model_fields[key]
             default = info.get_default(call_default_factory=True)
             if isinstance(default, Path):
                 default = str(default)
             shown = json.dumps(default) if not isinstance(default, SecretStr) else '"***"'
             desc = f"  {info.description}" if info.description else ""
-            lines.append(f"  --{name}={shown}{desc}")
+            lines.append(f"  --{key}={shown}{desc}")
     return "\n".join(lines)

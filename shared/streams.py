@@ -13,12 +13,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.retry import Retry
+
+if TYPE_CHECKING:
+    from shared.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,12 @@ def connect(
         retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+def client_for(settings: RunSettings, **options: Any) -> redis.Redis:
+    """The one way a service builds its Redis client from its settings
+    (``options`` as for :func:`connect`)."""
+    return connect(settings.redis_url, settings.password(), **options)
 
 
 class Backoff:

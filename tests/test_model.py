@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from services.trainer.model import MaskedLM, ModelConfig, apply_rotary, rotary_tables
-from shared.settings import load_settings
+from shared.settings import SettingsError, TrainerConfig, load_settings
 
 VOCAB, BLOCK, LAYERS, HEADS, WIDTH = 17, 16, 2, 2, 32
 MASK_ID = VOCAB - 1  # stands in for the [MASK] token
@@ -50,18 +50,18 @@ def logits_of(model: MaskedLM, idx: torch.Tensor) -> torch.Tensor:
 
 def test_config_from_settings() -> None:
     settings = load_settings(
-        ["--n_layer=3", "--n_head=4", "--n_embd=64", "--block_size=128", "--dropout=0.2"], env={}
+        ["--n_layer=3", "--n_head=4", "--n_embd=64", "--dropout=0.2"], env={}, service=TrainerConfig
     )
-    config = ModelConfig.from_settings(settings, vocab_size=65)
+    config = ModelConfig.from_settings(settings, vocab_size=65, block_size=128)
     assert config == ModelConfig(
         vocab_size=65, block_size=128, n_layer=3, n_head=4, n_embd=64, dropout=0.2
     )
 
 
 @pytest.mark.parametrize(("n_head", "n_embd"), [(3, 32), (4, 36)])
-def test_config_rejects_heads_rotary_cannot_use(n_head: int, n_embd: int) -> None:
-    with pytest.raises(ValueError, match=r"n_head|even"):
-        tiny_config(n_head=n_head, n_embd=n_embd)
+def test_settings_reject_heads_rotary_cannot_use(n_head: int, n_embd: int) -> None:
+    with pytest.raises(SettingsError, match=r"n_head|even"):
+        load_settings([f"--n_head={n_head}", f"--n_embd={n_embd}"], env={}, service=TrainerConfig)
 
 
 def test_shapes_and_sequences_shorter_than_block() -> None:

@@ -8,12 +8,13 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from services.trainer.checkpoint import Checkpoint
 from services.trainer.model import MaskedLM, ModelConfig
 from services.trainer.sample import (
     generate,
@@ -68,15 +69,17 @@ def _train(tokenizer: CharTokenizer, data: torch.Tensor, steps: int = 120) -> Ma
     return model.eval()
 
 
-def _checkpoint(model: MaskedLM, tokenizer: CharTokenizer, corpus: Path, prefix: str = "") -> dict:
-    return {
-        "model": {prefix + k: v for k, v in model.state_dict().items()},
-        "model_config": asdict(model.config),
-        "itos": tokenizer.itos,
-        "mask_token_id": tokenizer.mask_id,
-        "iter_num": 120,
-        "settings": {"corpus_path": str(corpus), "train_val_split": 0.9, "seed": 0},
-    }
+def _checkpoint(
+    model: MaskedLM, tokenizer: CharTokenizer, corpus: Path, prefix: str = ""
+) -> Checkpoint:
+    return Checkpoint(
+        model={prefix + k: v for k, v in model.state_dict().items()},
+        model_config=model.config,
+        itos=tokenizer.itos,
+        mask_token_id=tokenizer.mask_id,
+        iter_num=120,
+        settings={"corpus_path": str(corpus), "train_val_split": 0.9, "seed": 0},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     data = torch.from_numpy(tokenizer.encode(TEXT).astype("int64"))
     model = _train(tokenizer, data)
     path = root / "ckpt.pt"
-    torch.save(_checkpoint(model, tokenizer, corpus), path)
+    _checkpoint(model, tokenizer, corpus).save(path)
     return Trained(model, tokenizer, data, path, corpus)
 
 
@@ -103,16 +106,14 @@ def test_load_model_restores_the_weights_and_strips_compile_prefix(
     trained: Trained, tmp_path: Path
 ) -> None:
     compiled = tmp_path / "compiled.pt"
-    torch.save(
-        _checkpoint(trained.model, trained.tokenizer, trained.corpus, "_orig_mod."), compiled
-    )
+    _checkpoint(trained.model, trained.tokenizer, trained.corpus, "_orig_mod.").save(compiled)
     x = trained.data[:BLOCK].view(1, -1)
     with torch.no_grad():
         expected = trained.model(x)[0]
     for path in (trained.checkpoint, compiled):
         model, checkpoint = load_model(path, "cpu")
         assert not model.training
-        assert checkpoint["itos"] == trained.tokenizer.itos
+        assert checkpoint.itos == trained.tokenizer.itos
         with torch.no_grad():
             torch.testing.assert_close(model(x)[0], expected)
 
@@ -347,12 +348,16 @@ def test_cli_refuses_a_corpus_with_another_vocabulary(
 ) -> None:
     other = tmp_path / "other.txt"
     other.write_text("hello there, world. " * 40, encoding="utf-8")
-    checkpoint = torch.load(trained.checkpoint, weights_only=True)
-    checkpoint["settings"]["corpus_path"] = str(other)
+    checkpoint = Checkpoint.load(trained.checkpoint)
+    checkpoint.settings["corpus_path"] = str(other)
     path = tmp_path / "ckpt.pt"
-    torch.save(checkpoint, path)
+    checkpoint.save(path)
     argv = [f"--checkpoint={path}", "--length=4", "--steps=2", "--mask_ratios=0.5"]
     assert main(argv) == 2
     assert "different vocabulary" in capsys.readouterr().err
-    assert main([f"--checkpoint={tmp_path / 'missing.pt'}"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert main([f"--checkpoint={tmp_path / 'missing.pt'}"]) == 3
+    assert "no checkpoint at" in capsys.readouterr().err
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(path.read_bytes()[:1000])
+    assert main([f"--checkpoint={torn}"]) == 3
+    assert f"checkpoint {torn} cannot be read" in capsys.readouterr().err

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from shared.masking import SpanStage, StickyStage
-from shared.settings import Settings, SettingsError, help_text, load_settings
+from shared.settings import (
+    AutoscalerConfig,
+    ProducerConfig,
+    Settings,
+    SettingsError,
+    TrainerConfig,
+    help_text,
+    load_settings,
+)
 
 REFERENCE = json.loads(
     (Path(__file__).parent / "fixtures" / "char_diffusion_reference.json").read_text()
@@ -37,6 +45,11 @@ def test_char_diffusion_preset_reproduces_every_reference_value():
     s = load_settings(["--preset=char_diffusion"], env={})
     sections = dict(REFERENCE["data"], **REFERENCE["model"], **REFERENCE["training"])
     sections["corpus"] = sections.pop("dataset")
+    # The model has one architecture, not a setting: what the reference names.
+    assert (sections.pop("attention"), sections.pop("position_encoding")) == (
+        "bidirectional",
+        "rotary",
+    )
     for key, value in sections.items():
         assert getattr(s, key) == value, key
     for ours, theirs in (
@@ -135,6 +148,53 @@ def test_help_lists_every_setting_with_default():
     for name in Settings.model_fields:
         assert f"--{name}=" in text, name
     assert "--batch_size=16" in text and "--max_backlog=256" in text
+
+
+@pytest.mark.parametrize(
+    ("service", "shown", "hidden"),
+    [
+        ("producer", ["[data]", "--batch_size=16", "[queue]", "--send_batch="], ["--n_layer="]),
+        ("trainer", ["[model]", "--n_layer=8", "[train]", "--max_backlog="], ["--batch_size="]),
+        ("autoscaler", ["[autoscaler]", "--min_producers="], ["--n_layer=", "--batch_size="]),
+    ],
+)
+def test_each_service_help_lists_only_the_groups_it_reads(service, shown, hidden):
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", f"services.{service}", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    for fragment in shown:
+        assert fragment in result.stdout, fragment
+    for fragment in hidden:
+        assert fragment not in result.stdout, fragment
+
+
+def test_every_key_belongs_to_some_service_and_nothing_is_unread():
+    by_service = [ProducerConfig, TrainerConfig, AutoscalerConfig]
+    union = set().union(*(cls.model_fields for cls in by_service))
+    local_only = {"local_producers", "local_seconds"}  # services.local reads these
+    assert union | local_only == set(Settings.model_fields)
+    assert "attention" not in union and "position_encoding" not in union
+
+
+def test_a_shared_preset_serves_every_service(tmp_path):
+    """A producer loads a preset with model keys; each service keeps its own."""
+    producer = load_settings(["--preset=tiny", "--n_layer=3"], env={}, service=ProducerConfig)
+    trainer = load_settings(["--preset=tiny", "--n_layer=3"], env={}, service=TrainerConfig)
+    assert producer.block_size == 128 and not hasattr(producer, "n_layer")
+    assert trainer.n_layer == 3 and trainer.n_embd == 128 and not hasattr(trainer, "block_size")
+    # The environment of another service is not this one's business either.
+    assert load_settings([], env={"N_LAYER": "many"}, service=ProducerConfig).batch_size == 16
+    with pytest.raises(SettingsError, match="n_layer = 'many'"):
+        load_settings([], env={"N_LAYER": "many"}, service=TrainerConfig)
+    # A key no service knows is refused everywhere, naming the closest one.
+    with pytest.raises(SettingsError, match=r"unknown setting 'n_layers'.*n_layer"):
+        load_settings(["--n_layers=3"], env={}, service=ProducerConfig)
 
 
 def test_producer_cli_help_and_bad_config_exit_codes():

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -16,17 +17,18 @@ import psutil
 import pytest
 import torch
 
-from services.trainer.checkpoint import load_checkpoint, save_checkpoint, unwrapped_state_dict
-from services.trainer.model import MaskedLM, ModelConfig
-from services.trainer.train import learning_rate
+from services.trainer.checkpoint import Checkpoint, CheckpointError
+from services.trainer.feed import MicroBatch
+from services.trainer.train import Dist, Trainer, learning_rate, wait_for_contract
 from shared.codec import Batch, decode, encode
-from shared.settings import load_settings
-from shared.streams import PAYLOAD_FIELD, StreamKeys
+from shared.settings import TrainerConfig, load_settings
+from shared.streams import PAYLOAD_FIELD, StreamKeys, connect
 from tests.conftest import REPO, SMALL_RECIPE, wait_until
 
 pytestmark = pytest.mark.slow
 
 KEYS = StreamKeys("maskstream")
+CPU = torch.device("cpu")
 SMALL = [*SMALL_RECIPE, "--log_interval=5"]
 
 
@@ -135,8 +137,8 @@ def test_two_ranks_ack_every_entry_exactly_once(redis7, shakespeare, start_produ
     assert accounts["acked"] == 120
     assert {p for p, _ in acked} == {0, 1}  # both producers fed the ranks
     assert "val loss" in out and "(0 double)" in out
-    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
-    assert ckpt["iter_num"] == 30 and ckpt["stream"]["world"] == 2
+    ckpt = Checkpoint.load(tmp_path / "run" / "ckpt.pt")
+    assert ckpt.iter_num == 30 and ckpt.stream["world"] == 2
 
 
 def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int | None:
@@ -180,7 +182,7 @@ def test_killed_rank_resumes_and_accounts_close(
     os.kill(victim, signal.SIGKILL)
     assert first.wait(120) != 0
     log1.close()
-    crashed_at = load_checkpoint(run / "ckpt.pt")["iter_num"]
+    crashed_at = Checkpoint.load(run / "ckpt.pt").iter_num
     assert crashed_at < 60
     pending_at_crash = {
         entry["message_id"]
@@ -263,7 +265,7 @@ def test_loss_falls_and_sampling_works(redis7, shakespeare, start_producer, tmp_
         tmp_path / "trainer.log",
     )
     assert [p.terminate() for p in producers] == [0, 0]
-    history = load_checkpoint(tmp_path / "run" / "ckpt.pt")["history"]
+    history = Checkpoint.load(tmp_path / "run" / "ckpt.pt").history
     first, last = history[0]["val_loss"], history[-1]["val_loss"]
     assert last < first and last < 0.85 * math.log(66), history
     assert f"val loss {last:.4f}" in out
@@ -288,64 +290,78 @@ def test_loss_falls_and_sampling_works(redis7, shakespeare, start_producer, tmp_
     assert "ROMEO:" in sample.stdout
 
 
-def test_resume_gives_the_same_next_steps(tmp_path):
-    """Restoring model, optimizer and iteration from a checkpoint continues
-    exactly as the uninterrupted run does on the same batches."""
-    settings = load_settings(
-        [
-            "--preset=tiny",
-            "--n_layer=2",
-            "--n_head=2",
-            "--n_embd=32",
-            "--block_size=32",
-            "--warmup_iters=3",
-        ],
-        env={},
+class ListFeed:
+    """The trainer's feed interface over micro-batches taken from the stream
+    once, so two trainers can be given exactly the same data."""
+
+    def __init__(self, batches: list[MicroBatch]) -> None:
+        self.batches, self.i, self.wait_s, self.acked = batches, 0, 0.0, []
+
+    def next(self, stop=None) -> MicroBatch:
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def ack(self, entry_ids: list[bytes]) -> int:
+        self.acked.extend(entry_ids)
+        return len(entry_ids)
+
+    def close(self) -> None:
+        pass
+
+
+def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, tmp_path):
+    """A Trainer resumed from its checkpoint continues exactly as the
+    uninterrupted Trainer does on the same batches: model, optimizer, schedule
+    and iteration all come back."""
+    producer = start_producer(
+        f"--redis_url={redis7.url}", *SMALL, f"--corpus_path={shakespeare}", "--metrics_port=0"
     )
-    torch.manual_seed(0)
-    batches = [
-        (
-            torch.randint(0, 20, (4, 32)),
-            torch.where(torch.rand(4, 32) < 0.3, torch.randint(0, 20, (4, 32)), -100),
-        )
-        for _ in range(8)
+    client = connect(redis7.url, block_s=1.0)
+    wait_until(lambda: client.xlen(KEYS.train) >= 8, 60, "8 training entries")
+    producer.terminate()
+    meta = wait_for_contract(client, KEYS, threading.Event())
+    args = [
+        f"--redis_url={redis7.url}",
+        *SMALL,
+        f"--out_dir={tmp_path / 'run'}",
+        "--warmup_iters=3",
+        "--max_iters=8",
+        "--trainer_metrics_port=0",
     ]
 
-    def build():
-        model = MaskedLM(ModelConfig.from_settings(settings, vocab_size=21))
-        opt = model.configure_optimizer(
-            settings.weight_decay, settings.learning_rate, (settings.beta1, settings.beta2), "cpu"
+    def build(*extra: str) -> Trainer:
+        settings = load_settings([*args, *extra], env={}, service=TrainerConfig)
+        return Trainer(
+            settings, threading.Event(), meta, client=client, dist_info=Dist(), device=CPU
         )
-        return model, opt
 
-    def step(model, opt, it, batch):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(it, settings)
-        _, loss = model(*batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def steps(trainer: Trainer, count: int) -> list[float]:
+        losses = []
+        for _ in range(count):
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = learning_rate(trainer.progress.iter_num, trainer.s)
+            losses.append(trainer.train_step())
+            trainer.progress.iter_num += 1
+        return losses
 
-    model, opt = build()
-    for it in range(5):
-        step(model, opt, it, batches[it])
-    save_checkpoint(
-        tmp_path / "ckpt.pt",
-        {"model": unwrapped_state_dict(model), "optimizer": opt.state_dict(), "iter_num": 5},
-    )
-    uninterrupted = [step(model, opt, it, batches[it]) for it in range(5, 8)]
+    first = build()
+    first.feed.start()
+    batches = [first.feed.next() for _ in range(8)]
+    first.feed.close()
+    first.feed = ListFeed(batches)
+    steps(first, 5)
+    first.checkpoint()
+    uninterrupted = steps(first, 3)
 
-    torch.manual_seed(123)  # a different process would start from other random state
-    resumed_model, resumed_opt = build()
-    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
-    resumed_model.load_state_dict(ckpt["model"])
-    resumed_opt.load_state_dict(ckpt["optimizer"])
-    resumed = [
-        step(resumed_model, resumed_opt, it, batches[it]) for it in range(ckpt["iter_num"], 8)
-    ]
-    assert resumed == uninterrupted
+    torch.manual_seed(123)  # a new process starts from other random state
+    resumed = build("--init_from=resume")
+    assert resumed.progress.iter_num == 5
+    resumed.feed.close()
+    resumed.feed = ListFeed(batches[5:])
+    assert steps(resumed, 3) == uninterrupted
+    # And the checkpoint is the run's: a resume under other model settings is refused.
+    with pytest.raises(CheckpointError, match="n_layer"):
+        build("--init_from=resume", "--n_layer=3")
 
 
 def test_waiting_without_producers_then_stopping(redis7, tmp_path):

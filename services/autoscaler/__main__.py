@@ -16,16 +16,17 @@ from services.autoscaler import metrics
 from services.autoscaler.engine import EngineError, Replicas, connect_engine, own_project
 from services.autoscaler.policy import CHANGES, PolicyConfig, PolicyState, decide
 from services.autoscaler.signals import PrometheusError, prometheus_scalar, read_signals
+from shared.exit_codes import ExitCode
 from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.metrics import serve as serve_metrics
-from shared.settings import Settings, SettingsError, load_settings
-from shared.streams import TRANSIENT_ERRORS, StreamKeys, connect
+from shared.settings import AutoscalerConfig, SettingsError, load_settings
+from shared.streams import TRANSIENT_ERRORS, StreamKeys, client_for
 
 log = logging.getLogger("services.autoscaler")
 
 
-def policy_config(s: Settings) -> PolicyConfig:
+def policy_config(s: AutoscalerConfig) -> PolicyConfig:
     return PolicyConfig(
         min_producers=s.min_producers,
         max_producers=s.max_producers,
@@ -40,11 +41,11 @@ def policy_config(s: Settings) -> PolicyConfig:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = load_settings(argv)
+        settings = load_settings(argv, service=AutoscalerConfig)
         config = policy_config(settings)
     except (SettingsError, ValueError) as exc:
         print(f"autoscaler: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     configure_logging(settings.log_level, "autoscaler")
     replicas: Replicas | None = None
     try:
@@ -52,17 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         if not settings.dry_run:
             log.error("%s", exc)
-            return 2
+            return ExitCode.CONFIG
         # A dry run can still watch: it counts the producers Prometheus scrapes.
         log.warning("%s; dry run: counting producers from Prometheus instead", exc)
     else:
         project = settings.compose_project or own_project(engine)
         if not project:
             log.error("compose_project is unset and this process is not in a compose container")
-            return 2
+            return ExitCode.CONFIG
         replicas = Replicas(engine, project, settings.producer_service, settings.stop_timeout_s)
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    client = connect(settings.redis_url, password)
+    client = client_for(settings)
     keys = StreamKeys(settings.namespace)
     stop = stop_on_signals(log, "stopping after this decision")
     serve_metrics(settings.autoscaler_metrics_port)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     metrics.ERRORS.labels("apply").inc()
                     log.error("could not scale: %s", exc)
         stop.wait(settings.autoscale_interval_s)
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

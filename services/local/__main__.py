@@ -19,9 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from services.trainer.checkpoint import checkpoint_path
+from services.trainer.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from shared.exit_codes import ExitCode
 from shared.redis_server import RedisServer, RedisServerError
 from shared.settings import Settings, SettingsError, load_settings
 
@@ -74,7 +73,7 @@ def report(settings: Settings) -> int:
     path = checkpoint_path(settings.out_dir)
     if not path.is_file():
         say(f"no checkpoint at {path}: nothing to sample")
-        return 1
+        return ExitCode.FAILURE
     sample = subprocess.run(
         [
             sys.executable,
@@ -91,13 +90,18 @@ def report(settings: Settings) -> int:
     print(sample.stdout, end="", flush=True)
     if sample.returncode != 0:
         print(sample.stderr, end="", file=sys.stderr)
-    history = torch.load(path, map_location="cpu", weights_only=True)["history"]
-    if not history:
+    try:
+        checkpoint = Checkpoint.load(path)
+    except CheckpointError as exc:
+        say(str(exc))
+        return ExitCode.CONTRACT
+    val_loss = checkpoint.last_val_loss()
+    if val_loss is None:
         say("the run stopped before its first evaluation")
-        return 1
-    say(f"checkpoint {path} (iter {history[-1]['iter']})")
-    print(f"val loss {history[-1]['val_loss']:.4f}", flush=True)
-    return 0
+        return ExitCode.FAILURE
+    say(f"checkpoint {path} (iter {checkpoint.iter_num})")
+    print(f"val loss {val_loss:.4f}", flush=True)
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv)
     except SettingsError as exc:
         print(f"local: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         server = RedisServer(new_session=True).start()
     except RedisServerError as exc:
         print(f"local: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     say(f"redis {server.version()} on port {server.port} ({server.binary})")
     child_args = [*argv, f"--redis_url={server.url}"]
     # One metrics port each (9100, 9101, ...): they share this host's network.

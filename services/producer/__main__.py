@@ -9,23 +9,21 @@ from services.producer.loop import Producer
 from services.producer.provider import load_provider
 from shared.contract import ContractMismatch
 from shared.corpus import CorpusError
+from shared.exit_codes import ExitCode
 from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.metrics import serve as serve_metrics
-from shared.settings import SettingsError, load_settings
+from shared.settings import ProducerConfig, SettingsError, load_settings
 
 log = logging.getLogger("services.producer")
-
-EXIT_CONFIG = 2
-EXIT_CONTRACT = 3
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = load_settings(argv)
+        settings = load_settings(argv, service=ProducerConfig)
     except SettingsError as exc:
         print(f"producer: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     configure_logging(settings.log_level, "producer")
     log.info(
         "starting: namespace %s, redis %s, dataset %s, batch %dx%d",
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         provider = load_provider(settings)
     except (SettingsError, CorpusError) as exc:
         log.error("%s", exc)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
 
     stop = stop_on_signals(log, "finishing the current send, then stopping")
     serve_metrics(settings.metrics_port)
@@ -47,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         Producer(settings, provider, stop).run()
     except ContractMismatch as exc:
         log.error("%s", exc)
-        return EXIT_CONTRACT
-    return 0
+        return ExitCode.CONTRACT
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from services.producer.provider import Provider
 from shared.codec import Batch, encode
 from shared.contract import ContractGuard, check_meta, make_meta, publish_meta, read_meta
 from shared.masking import StageCycle
-from shared.settings import Settings
+from shared.settings import ProducerConfig
 from shared.streams import (
     TRANSIENT_ERRORS,
     Backoff,
@@ -29,7 +29,7 @@ from shared.streams import (
     ProducerLease,
     StreamKeys,
     add_unbounded,
-    connect,
+    client_for,
     read_active_stage,
     wait_for_redis,
 )
@@ -48,7 +48,7 @@ return 0
 """
 
 
-def contract_of(settings: Settings, provider: Provider) -> dict:
+def contract_of(settings: ProducerConfig, provider: Provider) -> dict:
     """Everything a consumer must agree with to use this namespace's data."""
     return {
         "format_version": 1,
@@ -96,18 +96,17 @@ class IntervalStats:
 
 
 class Producer:
-    def __init__(self, settings: Settings, provider: Provider, stop: threading.Event) -> None:
+    def __init__(self, settings: ProducerConfig, provider: Provider, stop: threading.Event) -> None:
         self.settings, self.provider, self.stop = settings, provider, stop
         self.keys = StreamKeys(settings.namespace)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
         self.meta = make_meta(contract_of(settings, provider), self.token)
         self.fingerprint: str = self.meta["fingerprint"]
         # No silent retries inside redis-py: a lost connection reaches run(). And every
         # new connection, redis-py's own reconnections included, checks (or restores) the
         # contract before it serves anything else (ContractGuard).
         self.guard = ContractGuard(self.keys, self.meta)
-        self.client = connect(settings.redis_url, password, retries=0, on_connect=self.guard)
+        self.client = client_for(settings, retries=0, on_connect=self.guard)
         self._connections_seen = 0
         self.train_stages = provider.stage_count("train")
         self.tokens_per_batch = settings.batch_size * settings.block_size

@@ -16,14 +16,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from shared.codec import TensorSpec
-from shared.settings import Settings, SettingsError
+from shared.settings import ProducerConfig, SettingsError
 
 
 class Provider(ABC):
     #: dataset name, recorded in the meta (and so in the fingerprint)
     name: ClassVar[str]
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ProducerConfig) -> None:
         self.settings = settings
 
     @abstractmethod
@@ -45,7 +45,7 @@ class Provider(ABC):
         randomness (that is what makes batches reproducible)."""
 
 
-def load_provider(settings: Settings) -> Provider:
+def load_provider(settings: ProducerConfig) -> Provider:
     """Instantiate ``services.producer.providers.<settings.dataset>.PROVIDER``."""
     module_name = f"services.producer.providers.{settings.dataset}"
     try:

@@ -31,29 +31,38 @@ import sys  # noqa: E402 - after the environment above
 
 from prometheus_client import multiprocess  # noqa: E402 - after the environment above
 
+from services.trainer.checkpoint import CheckpointError  # noqa: E402 - after the environment above
 from services.trainer.train import Trainer  # noqa: E402 - after the environment above
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
+from shared.exit_codes import ExitCode  # noqa: E402 - after the environment above
 from shared.lifecycle import stop_on_signals  # noqa: E402 - after the environment above
 from shared.logs import configure_logging  # noqa: E402 - after the environment above
-from shared.settings import SettingsError, load_settings  # noqa: E402 - after the environment above
+from shared.settings import (  # noqa: E402 - after the environment above
+    SettingsError,
+    TrainerConfig,
+    load_settings,
+)
 
 log = logging.getLogger("services.trainer")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = load_settings(argv)
+        settings = load_settings(argv, service=TrainerConfig)
     except SettingsError as exc:
         print(f"trainer: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(settings.log_level, f"trainer[rank{rank}]")
     stop = stop_on_signals(log, "finishing this step, checkpointing, stopping")
     try:
-        trainer = Trainer(settings, stop)
-    except (ContractMismatch, FileNotFoundError) as exc:
+        trainer = Trainer.start(settings, stop)
+    except (ContractMismatch, CheckpointError) as exc:
         log.error("%s", exc)
-        return 3
+        return ExitCode.CONTRACT
+    if trainer is None:
+        log.info("stopped before producers published the contract")
+        return ExitCode.OK
     try:
         result = trainer.run()
     finally:
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             result["dead_letters"],
         )
         print(f"val loss {result['val_loss']:.4f}", flush=True)
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -1,56 +1,163 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``.
+"""The trainer's checkpoint: one typed record, written atomically, read with
+``weights_only=True``.
 
-A checkpoint holds only tensors and plain Python values (dicts, lists, str,
-int, float, bool, None), so loading it never unpickles arbitrary objects.
+The trainer saves it, resumes from it and checks it against the contract in
+Redis; the sampler and the local stack read it. On disk it is a plain dict of
+tensors and Python values (dicts, lists, str, int, float, bool, None), so
+loading it never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from services.trainer.model import MaskedLM, ModelConfig
+from shared.contract import check_meta
+from shared.streams import StreamKeys
 
 CHECKPOINT_NAME = "ckpt.pt"
+# torch.compile and DistributedDataParallel wrap the model and prefix its keys.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or not a trainer checkpoint;
+    the message names the file."""
 
 
 def checkpoint_path(out_dir: Path) -> Path:
     return out_dir / CHECKPOINT_NAME
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file in the same directory, fsync it, rename it over
-    ``path`` and fsync the directory: a crash leaves the old or the new
-    checkpoint, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first, or use --init_from=scratch")
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     """The model's weights without DDP's ``module.`` or torch.compile's
     ``_orig_mod.`` prefixes, so any later run can load them."""
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
     return inner.state_dict()
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to resume, and a sampler needs to generate."""
+
+    model: dict[str, Tensor]
+    model_config: ModelConfig
+    itos: list[str]
+    mask_token_id: int
+    fingerprint: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # the dataset contract it trained on
+    iter_num: int = 0
+    tokens: int = 0
+    best_val_loss: float = math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+    stage: dict[str, Any] = field(default_factory=dict)  # the plateau controller's state
+    optimizer: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    stream: dict[str, Any] = field(default_factory=dict)  # namespace, group, world, ack policy
+    settings: dict[str, Any] = field(default_factory=dict)  # the run's settings, secrets masked
+
+    REQUIRED = ("model", "model_config", "itos", "mask_token_id")
+
+    # ------------------------------------------------------------ writing
+
+    def save(self, path: Path) -> None:
+        """Write to a temporary file in the same directory, fsync it, rename it
+        over ``path`` and fsync the directory: a crash leaves the old or the new
+        checkpoint, never a torn one."""
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        state["model_config"] = dataclasses.asdict(self.model_config)
+        # Only plain values: the contract round-trips through JSON.
+        state["meta"] = json.loads(json.dumps(self.meta))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    # ------------------------------------------------------------ reading
+
+    @classmethod
+    def load(cls, path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+        """Read and check ``path``; every problem is a :class:`CheckpointError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(
+                f"no checkpoint at {path}: train first, or use --init_from=scratch"
+            )
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as exc:  # torn files and foreign pickles fail in many types
+            raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+        return cls.from_state(state, path)
+
+    @classmethod
+    def from_state(cls, state: Any, path: Path | str = "<memory>") -> Checkpoint:
+        if not isinstance(state, dict) or any(k not in state for k in cls.REQUIRED):
+            raise CheckpointError(
+                f"checkpoint {path} is not a trainer checkpoint "
+                f"(needs keys {', '.join(cls.REQUIRED)})"
+            )
+        try:
+            # Ignore config keys a newer trainer may add; missing ones fall to defaults.
+            names = {f.name for f in dataclasses.fields(ModelConfig)}
+            config = ModelConfig(**{k: v for k, v in state["model_config"].items() if k in names})
+            known = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in state.items() if k in known}
+            checkpoint = cls(**{**values, "model_config": config})
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint {path} has malformed fields: {exc}") from exc
+        itos, mask_id = checkpoint.itos, checkpoint.mask_token_id
+        if len(itos) != config.vocab_size or not 0 <= mask_id < len(itos):
+            raise CheckpointError(
+                f"checkpoint {path} is inconsistent: {len(itos)} symbols in itos, "
+                f"vocab_size={config.vocab_size}, mask_token_id={mask_id}"
+            )
+        return checkpoint
+
+    def build_model(self, device: str | torch.device = "cpu") -> MaskedLM:
+        """The checkpoint's model with its weights, on ``device``, in train mode."""
+        model = MaskedLM(self.model_config)
+        weights = {}
+        for key, value in self.model.items():
+            for prefix in WRAPPER_PREFIXES:
+                key = key.removeprefix(prefix)
+            weights[key] = value
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:  # missing/unexpected keys, shape mismatches
+            raise CheckpointError(
+                f"checkpoint weights do not match its model_config: {exc}"
+            ) from exc
+        return model.to(device)
+
+    def check_contract(self, keys: StreamKeys, meta: dict[str, Any]) -> None:
+        """Raise ``ContractMismatch`` (with the differences) when ``meta``, the
+        contract in Redis, is not the one this checkpoint trained on."""
+        if self.fingerprint != meta["fingerprint"]:
+            check_meta(keys, meta, {**self.meta, "fingerprint": self.fingerprint})
+
+    def last_val_loss(self) -> float | None:
+        """The validation loss of the last evaluation, if the run made one."""
+        return self.history[-1]["val_loss"] if self.history else None

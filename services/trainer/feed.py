@@ -180,6 +180,7 @@ class StreamFeed:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # a feed closed before start() has no thread
+            self._thread.join(timeout=5)
         if self._ack_log is not None:
             self._ack_log.close()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from shared.settings import Settings
+    from shared.settings import ModelSettings
 
 
 @dataclass
@@ -34,25 +34,15 @@ class ModelConfig:
     n_embd: int = 512
     dropout: float = 0.1
 
-    def __post_init__(self) -> None:
-        # Settings checks these too, but a config can also be built by hand.
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(
-                f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary"
-            )
-        if self.vocab_size < 1 or self.block_size < 1:
-            raise ValueError(
-                f"vocab_size={self.vocab_size} and block_size={self.block_size} must be positive"
-            )
-
     @classmethod
-    def from_settings(cls, settings: Settings, vocab_size: int) -> ModelConfig:
-        """The model part of the settings tree; vocab_size comes from the data."""
+    def from_settings(
+        cls, settings: ModelSettings, vocab_size: int, block_size: int
+    ) -> ModelConfig:
+        """The model group of the settings (which checked it: head size even,
+        n_embd a multiple of n_head); vocab and block size come from the data."""
         return cls(
             vocab_size=vocab_size,
-            block_size=settings.block_size,
+            block_size=block_size,
             n_layer=settings.n_layer,
             n_head=settings.n_head,
             n_embd=settings.n_embd,

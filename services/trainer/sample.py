@@ -17,7 +17,6 @@ masked, and the sample's character entropy printed beside it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from collections import Counter
@@ -30,60 +29,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from services.trainer.model import MaskedLM, ModelConfig
+from services.trainer.checkpoint import Checkpoint, CheckpointError
+from services.trainer.model import MaskedLM
 from shared.corpus import CorpusError, load_corpus
+from shared.exit_codes import ExitCode
 from shared.settings import DataSettings
-
-COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the model and prefixes its keys
-DDP_PREFIX = "module."  # DistributedDataParallel does the same
 
 
 class SampleError(Exception):
     """A usage mistake (bad checkpoint, prompt, corpus); the message says what to fix."""
 
 
-# -------------------------------------------------------------- checkpoint
-
-
-def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in (COMPILE_PREFIX, DDP_PREFIX):
-            key = key.removeprefix(prefix)
-        cleaned[key] = value
-    return cleaned
-
-
-def load_model(path: str | Path, device: str | torch.device) -> tuple[MaskedLM, dict[str, Any]]:
+def load_model(path: str | Path, device: str | torch.device) -> tuple[MaskedLM, Checkpoint]:
     """The model of a trainer checkpoint, on ``device`` and in eval mode, and the
-    checkpoint dict itself (itos, mask_token_id, iter_num, settings, ...)."""
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise SampleError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:  # unpickling errors come in many types
-        raise SampleError(f"checkpoint {path} cannot be read: {exc}") from exc
-    required = ("model", "model_config", "itos", "mask_token_id")
-    missing = [k for k in required if k not in checkpoint] if isinstance(checkpoint, dict) else []
-    if not isinstance(checkpoint, dict) or missing:
-        raise SampleError(
-            f"checkpoint {path} is not a trainer checkpoint (needs keys {', '.join(required)})"
-        )
-    # Ignore config keys a newer trainer may add; missing ones fall to defaults.
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in checkpoint["model_config"].items() if k in fields})
-    itos = checkpoint["itos"]
-    if len(itos) != config.vocab_size or not 0 <= checkpoint["mask_token_id"] < len(itos):
-        raise SampleError(
-            f"checkpoint {path} is inconsistent: {len(itos)} symbols in itos, "
-            f"vocab_size={config.vocab_size}, mask_token_id={checkpoint['mask_token_id']}"
-        )
-    model = MaskedLM(config)
-    try:
-        model.load_state_dict(_strip_prefixes(checkpoint["model"]))
-    except RuntimeError as exc:  # missing/unexpected keys, shape mismatches
-        raise SampleError(f"checkpoint {path} does not match its model_config: {exc}") from exc
-    return model.to(device).eval(), checkpoint
+    checkpoint itself (itos, mask_token_id, iter_num, settings, ...). Raises
+    ``CheckpointError`` for a missing or unreadable file."""
+    checkpoint = Checkpoint.load(Path(path), device)
+    return checkpoint.build_model(device).eval(), checkpoint
 
 
 @contextmanager
@@ -267,7 +229,7 @@ def sample_entropy(text: str) -> float:
 
 
 def validation_windows(
-    checkpoint: dict[str, Any], n_windows: int, window: int
+    checkpoint: Checkpoint, n_windows: int, window: int
 ) -> tuple[np.ndarray, int]:
     """``n_windows`` evenly spaced windows of the validation split of the run's
     corpus, each min(window, len(val)) long; returns (windows, window length).
@@ -275,7 +237,7 @@ def validation_windows(
     The corpus is read as the trainer read it: corpus_path, else the named
     corpus from its URL/cache, split at train_val_split.
     """
-    settings = checkpoint.get("settings") or {}
+    settings = checkpoint.settings
     defaults = DataSettings.model_fields
 
     def setting(key: str) -> Any:
@@ -294,11 +256,11 @@ def validation_windows(
         )
     except CorpusError as exc:
         raise SampleError(f"cannot load the run's corpus for evaluation: {exc}") from exc
-    if corpus.tokenizer.itos != list(checkpoint["itos"]):
+    if corpus.tokenizer.itos != list(checkpoint.itos):
         raise SampleError(
             f"the corpus {corpus.name} has a different vocabulary "
             f"({corpus.tokenizer.vocab_size} symbols) than the checkpoint "
-            f"({len(checkpoint['itos'])}); was the corpus file changed since training?"
+            f"({len(checkpoint.itos)}); was the corpus file changed since training?"
         )
     val = corpus.val
     length = min(window, len(val))
@@ -354,8 +316,8 @@ def _run(args: argparse.Namespace) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     model, checkpoint = load_model(args.checkpoint, device)
-    itos: list[str] = list(checkpoint["itos"])
-    mask_id = int(checkpoint["mask_token_id"])
+    itos: list[str] = list(checkpoint.itos)
+    mask_id = checkpoint.mask_token_id
     stoi = {s: i for i, s in enumerate(itos) if i != mask_id}
     unknown = sorted({c for c in args.prompt if c not in stoi})
     if unknown:
@@ -378,7 +340,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"-- step {step}/{args.steps} --\n{decode(ids, '_')}")
 
     print(
-        f"checkpoint {args.checkpoint} (iter {checkpoint.get('iter_num', '?')}, "
+        f"checkpoint {args.checkpoint} (iter {checkpoint.iter_num}, "
         f"{model.num_params() / 1e6:.2f}M parameters) on {device}"
     )
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -421,8 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         _run(args)
     except SampleError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return ExitCode.CONFIG
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.CONTRACT
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ on disk, so a crash never loses a batch the saved model has not seen.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import redis
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,22 +30,24 @@ from torch.nn.parallel import DistributedDataParallel
 
 from services.trainer import metrics
 from services.trainer.checkpoint import (
+    Checkpoint,
+    CheckpointError,
     checkpoint_path,
-    load_checkpoint,
-    save_checkpoint,
     unwrapped_state_dict,
 )
 from services.trainer.feed import MicroBatch, StreamFeed, to_host_tensor
 from services.trainer.model import MaskedLM, ModelConfig
 from shared.codec import Batch
-from shared.contract import check_meta, read_meta, schema_of
+from shared.contract import read_meta, schema_of
 from shared.metrics import serve as serve_metrics
 from shared.reader import BatchReader, read_validation, validation_ready
-from shared.settings import Settings
-from shared.streams import StreamKeys, connect, pending_count, publish_active_stage
+from shared.settings import TrainerConfig, TrainSettings
+from shared.streams import StreamKeys, client_for, pending_count, publish_active_stage
 
 log = logging.getLogger(__name__)
 
+# The loss ignores this target; the wire's label_ignore_value is mapped to it.
+IGNORE_INDEX = -100
 # Dense bf16 peak FLOP/s, for MFU when peak_flops is not set.
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
@@ -112,7 +114,7 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def learning_rate(it: int, s: Settings) -> float:
+def learning_rate(it: int, s: TrainSettings) -> float:
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
     if it < s.warmup_iters:
         return s.learning_rate * (it + 1) / (s.warmup_iters + 1)
@@ -122,88 +124,65 @@ def learning_rate(it: int, s: Settings) -> float:
     return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s.learning_rate - s.min_lr)
 
 
+def wait_for_contract(
+    client: redis.Redis, keys: StreamKeys, stop: threading.Event
+) -> dict[str, Any] | None:
+    """The dataset contract, once producers have published it and the
+    validation set (the trainer never writes either); None if stopped first."""
+    announced = False
+    while not stop.is_set():
+        meta = read_meta(client, keys)
+        if meta is not None and validation_ready(client, keys, meta["fingerprint"]):
+            return meta
+        if not announced:
+            log.info("waiting for producers to publish %s and the validation set", keys.meta)
+            announced = True
+        stop.wait(0.5)
+    return None
+
+
 class Trainer:
-    def __init__(self, settings: Settings, stop: threading.Event) -> None:
-        self.s, self.stop = settings, stop
-        self.d, self.device = init_distributed(settings.device)
+    """One rank's training run. Build it with :meth:`start`; the constructor
+    takes what start found (process group, Redis client, contract) and reads
+    top to bottom as the build steps below."""
+
+    @classmethod
+    def start(cls, settings: TrainerConfig, stop: threading.Event) -> Trainer | None:
+        """Join the process group, connect to Redis and wait for the contract;
+        None when asked to stop before producers published it. Raises
+        ``CheckpointError`` or ``ContractMismatch`` when resuming is impossible."""
+        d, device = init_distributed(settings.device)
+        client = client_for(settings, block_s=1.0)
+        meta = wait_for_contract(client, StreamKeys(settings.namespace), stop)
+        if meta is None:
+            if d.enabled:
+                dist.destroy_process_group()
+            return None
+        return cls(settings, stop, meta, client=client, dist_info=d, device=device)
+
+    def __init__(
+        self,
+        settings: TrainerConfig,
+        stop: threading.Event,
+        meta: dict[str, Any],
+        *,
+        client: redis.Redis,
+        dist_info: Dist,
+        device: torch.device,
+    ) -> None:
+        self.s, self.stop, self.client = settings, stop, client
+        self.d, self.device = dist_info, device
+        self.keys = StreamKeys(settings.namespace)
         torch.manual_seed(settings.seed + self.d.rank)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.keys = StreamKeys(settings.namespace)
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
-        self.client = connect(settings.redis_url, password, block_s=1.0)
-        self.meta = self._wait_for_meta()
-        self.fingerprint = self.meta["fingerprint"]
-        self.schema = schema_of(self.meta)
-        self.ignore_value = int(self.meta["label_ignore_value"])
-        self.tokens_per_micro = int(self.meta["batch_size"]) * int(self.meta["block_size"])
-        self.n_stages = len(self.meta["stages"]["train"])
-        self.val_stages = self.meta["stages"]["val"]
-
-        self.amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            settings.dtype
-        ]
-        if self.device.type == "cpu":
-            self.amp_dtype = None  # the CPU trains in float32
+        self._adopt_contract(meta)
         self.ckpt_path = checkpoint_path(settings.out_dir)
-        resume = load_checkpoint(self.ckpt_path) if settings.init_from == "resume" else None
-        if resume is not None:
-            self._check_resume(resume)
-
-        config = ModelConfig.from_settings(settings, vocab_size=int(self.meta["vocab_size"]))
-        config.block_size = int(self.meta["block_size"])
-        self.model_config = config
-        model = MaskedLM(config).to(self.device)
-        if resume is not None:
-            model.load_state_dict(resume["model"])
-        self.raw_model = model
-        self.optimizer = model.configure_optimizer(
-            settings.weight_decay,
-            settings.learning_rate,
-            (settings.beta1, settings.beta2),
-            self.device.type,
-        )
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        )
-        if resume is not None:
-            self.optimizer.load_state_dict(resume["optimizer"])
-            self.scaler.load_state_dict(resume["scaler"])
-        if settings.compile:
-            model = torch.compile(model)
-        if self.d.enabled:
-            model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        self.model = model
-
-        self.progress = Progress()
-        self.stage = StageState()
-        if resume is not None:
-            self.progress = Progress(
-                resume["iter_num"], resume["tokens"], resume["best_val_loss"], resume["history"]
-            )
-            self.stage = StageState(**resume["stage"])
-        self.peak_flops = settings.peak_flops or self._known_peak_flops()
-
-        reader = BatchReader(
-            self.client,
-            self.keys,
-            settings.run_name,
-            f"rank{self.d.rank}",
-            fingerprint=self.fingerprint,
-            schema=self.schema,
-            max_bytes=settings.max_message_bytes,
-            dead_letter_maxlen=settings.dead_letter_maxlen,
-        )
-        ack_log = settings.ack_log
-        self.feed = StreamFeed(
-            reader,
-            prefetch=settings.prefetch_batches,
-            reclaim_idle_ms=settings.reclaim_idle_ms,
-            pin_memory=self.device.type == "cuda",
-            ack_log=ack_log.with_suffix(f".rank{self.d.rank}") if ack_log else None,
-        )
+        resume = self._load_resume()
+        self._build_model(resume)
+        self._build_optimizer(resume)
+        self._restore_progress(resume)
+        self._build_feed()
         self.val_batches = self._load_validation()
         self.rank_label = str(self.d.rank)
         self._queue_observed = 0.0
@@ -211,45 +190,123 @@ class Trainer:
         self.held: list[bytes] = []  # ack_policy=checkpoint: everything since the last one
         self.wandb = self._init_wandb()
         if self.d.master:
-            log.info(
-                "model: %.2fM parameters (%.2fM without embeddings), %d layers, %d heads, "
-                "%d wide, vocab %d; world %d on %s, autocast %s; %d tokens/step",
-                self.raw_model.num_params(False) / 1e6,
-                self.raw_model.num_params() / 1e6,
-                config.n_layer,
-                config.n_head,
-                config.n_embd,
-                config.vocab_size,
-                self.d.world,
-                self.device,
-                self.amp_dtype,
-                self.tokens_per_step,
-            )
+            self._log_model()
 
     # ------------------------------------------------------------- setup
+
+    def _adopt_contract(self, meta: dict[str, Any]) -> None:
+        """What the trainer takes from the producers' contract."""
+        self.meta = meta
+        self.fingerprint = meta["fingerprint"]
+        self.schema = schema_of(meta)
+        self.ignore_value = int(meta["label_ignore_value"])
+        self.tokens_per_micro = int(meta["batch_size"]) * int(meta["block_size"])
+        self.n_stages = len(meta["stages"]["train"])
+        self.val_stages = meta["stages"]["val"]
+        # Producers decide whether batches follow the active stage; the
+        # trainer's plateau control only matters when they do.
+        self.all_stages = bool(meta["use_all_stages_for_training"])
+
+    def _load_resume(self) -> Checkpoint | None:
+        if self.s.init_from != "resume":
+            return None
+        checkpoint = Checkpoint.load(self.ckpt_path)
+        checkpoint.check_contract(self.keys, self.meta)
+        return checkpoint
+
+    def _build_model(self, resume: Checkpoint | None) -> None:
+        self.amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            self.s.dtype
+        ]
+        if self.device.type == "cpu":
+            self.amp_dtype = None  # the CPU trains in float32
+        self.model_config = ModelConfig.from_settings(
+            self.s, vocab_size=int(self.meta["vocab_size"]), block_size=int(self.meta["block_size"])
+        )
+        if resume is not None:
+            shape = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+            ours = {k: getattr(self.model_config, k) for k in shape}
+            theirs = {k: getattr(resume.model_config, k) for k in shape}
+            if ours != theirs:
+                raise CheckpointError(
+                    f"checkpoint {self.ckpt_path} holds a model of shape {theirs}, the settings "
+                    f"ask for {ours}: resume with the run's model settings, or "
+                    "--init_from=scratch"
+                )
+            self.raw_model = resume.build_model(self.device)
+        else:
+            self.raw_model = MaskedLM(self.model_config).to(self.device)
+        model: torch.nn.Module = self.raw_model
+        if self.s.compile:
+            model = torch.compile(model)
+        if self.d.enabled:
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.model = model
+        self.peak_flops = self.s.peak_flops or self._known_peak_flops()
+
+    def _build_optimizer(self, resume: Checkpoint | None) -> None:
+        s = self.s
+        self.optimizer = self.raw_model.configure_optimizer(
+            s.weight_decay, s.learning_rate, (s.beta1, s.beta2), self.device.type
+        )
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        )
+        if resume is not None and resume.optimizer is not None:
+            self.optimizer.load_state_dict(resume.optimizer)
+            if resume.scaler is not None:
+                self.scaler.load_state_dict(resume.scaler)
+
+    def _restore_progress(self, resume: Checkpoint | None) -> None:
+        self.progress, self.stage = Progress(), StageState()
+        if resume is not None:
+            self.progress = Progress(
+                resume.iter_num, resume.tokens, resume.best_val_loss, resume.history
+            )
+            self.stage = StageState(**resume.stage)
+
+    def _build_feed(self) -> None:
+        s = self.s
+        reader = BatchReader(
+            self.client,
+            self.keys,
+            s.run_name,
+            f"rank{self.d.rank}",
+            fingerprint=self.fingerprint,
+            schema=self.schema,
+            max_bytes=s.max_message_bytes,
+            dead_letter_maxlen=s.dead_letter_maxlen,
+        )
+        self.feed = StreamFeed(
+            reader,
+            prefetch=s.prefetch_batches,
+            reclaim_idle_ms=s.reclaim_idle_ms,
+            pin_memory=self.device.type == "cuda",
+            ack_log=s.ack_log.with_suffix(f".rank{self.d.rank}") if s.ack_log else None,
+        )
+
+    def _log_model(self) -> None:
+        config = self.model_config
+        log.info(
+            "model: %.2fM parameters (%.2fM without embeddings), %d layers, %d heads, "
+            "%d wide, vocab %d; world %d on %s, autocast %s; %d tokens/step",
+            self.raw_model.num_params(False) / 1e6,
+            self.raw_model.num_params() / 1e6,
+            config.n_layer,
+            config.n_head,
+            config.n_embd,
+            config.vocab_size,
+            self.d.world,
+            self.device,
+            self.amp_dtype,
+            self.tokens_per_step,
+        )
 
     @property
     def tokens_per_step(self) -> int:
         return self.tokens_per_micro * self.s.gradient_accumulation_steps * self.d.world
-
-    def _wait_for_meta(self) -> dict[str, Any]:
-        """The dataset contract; the trainer never writes it, producers do."""
-        announced = False
-        while not self.stop.is_set():
-            meta = read_meta(self.client, self.keys)
-            if meta is not None and validation_ready(self.client, self.keys, meta["fingerprint"]):
-                return meta
-            if not announced:
-                log.info(
-                    "waiting for producers to publish %s and the validation set", self.keys.meta
-                )
-                announced = True
-            self.stop.wait(0.5)
-        raise SystemExit(0)
-
-    def _check_resume(self, ckpt: dict[str, Any]) -> None:
-        if ckpt["fingerprint"] != self.fingerprint:
-            check_meta(self.keys, self.meta, {**ckpt["meta"], "fingerprint": ckpt["fingerprint"]})
 
     def _known_peak_flops(self) -> float:
         if self.device.type != "cuda":
@@ -291,7 +348,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = inputs.to(self.device, non_blocking=True).long()
         y = labels.to(self.device, non_blocking=True).long()
-        y = torch.where(y == self.ignore_value, torch.full_like(y, self.s.ignore_index), y)
+        y = torch.where(y == self.ignore_value, torch.full_like(y, IGNORE_INDEX), y)
         return x, y
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -317,7 +374,7 @@ class Trainer:
             sync = micro == accum - 1
             ctx = self.model.no_sync() if self.d.enabled and not sync else contextlib.nullcontext()
             with ctx, self._autocast():
-                _, loss = self.model(x, y, ignore_index=self.s.ignore_index)
+                _, loss = self.model(x, y, ignore_index=IGNORE_INDEX)
                 loss = loss / accum
             self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -395,11 +452,11 @@ class Trainer:
             ce = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)),
                 y.view(-1),
-                ignore_index=self.s.ignore_index,
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
             sums[stage] += ce.double()
-            counts[stage] += (y != self.s.ignore_index).sum().double()
+            counts[stage] += (y != IGNORE_INDEX).sum().double()
         if self.d.enabled:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
@@ -411,29 +468,28 @@ class Trainer:
 
     def checkpoint(self) -> None:
         if self.d.master:
-            state = {
-                "model": unwrapped_state_dict(self.model),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "model_config": asdict(self.model_config),
-                "iter_num": self.progress.iter_num,
-                "tokens": self.progress.tokens,
-                "best_val_loss": self.progress.best_val_loss,
-                "history": self.progress.history,
-                "stage": asdict(self.stage),
-                "itos": self.meta["itos"],
-                "mask_token_id": self.meta["mask_token_id"],
-                "fingerprint": self.fingerprint,
-                "meta": json.loads(json.dumps(self.meta)),
-                "stream": {
+            Checkpoint(
+                model=unwrapped_state_dict(self.model),
+                model_config=self.model_config,
+                itos=list(self.meta["itos"]),
+                mask_token_id=int(self.meta["mask_token_id"]),
+                fingerprint=self.fingerprint,
+                meta=self.meta,
+                iter_num=self.progress.iter_num,
+                tokens=self.progress.tokens,
+                best_val_loss=self.progress.best_val_loss,
+                history=self.progress.history,
+                stage=asdict(self.stage),
+                optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict(),
+                stream={
                     "namespace": self.s.namespace,
                     "group": self.s.run_name,
                     "world": self.d.world,
                     "ack_policy": self.s.ack_policy,
                 },
-                "settings": self.s.public_dict(),
-            }
-            save_checkpoint(self.ckpt_path, state)
+                settings=self.s.public_dict(),
+            ).save(self.ckpt_path)
             log.info("checkpoint at iter %d: %s", self.progress.iter_num, self.ckpt_path)
         # After the barrier inside, every rank knows the checkpoint is durable.
         self._barrier_and_ack()
@@ -448,8 +504,8 @@ class Trainer:
         if self.d.master:
             metrics.WORLD_SIZE.set(self.d.world)
             metrics.MAX_BACKLOG.set(s.max_backlog)
-            metrics.ACTIVE_STAGE.set(-1 if s.use_all_stages_for_training else self.stage.active)
-        if not s.use_all_stages_for_training and self.d.master:
+            metrics.ACTIVE_STAGE.set(-1 if self.all_stages else self.stage.active)
+        if not self.all_stages and self.d.master:
             publish_active_stage(self.client, self.keys, self.stage.active)
         t_last, wait_last, steps_since = time.perf_counter(), self.feed.wait_s, 0
         val_loss = math.nan
@@ -491,7 +547,7 @@ class Trainer:
                     tok_s,
                     100 * wait / elapsed,
                     f", mfu {100 * mfu:.1f}%" if mfu is not None else "",
-                    "all" if s.use_all_stages_for_training else self.stage.active,
+                    "all" if self.all_stages else self.stage.active,
                 )
                 metrics.TOKENS_PER_SECOND.set(tok_s)
                 if mfu is not None:
@@ -533,7 +589,7 @@ class Trainer:
             log.info("iter %d: val loss %.4f (per stage %s)", p.iter_num, val_loss, stages)
             if self.wandb:
                 self.wandb.log({"val_loss": val_loss}, step=p.iter_num)
-        if not self.s.use_all_stages_for_training:
+        if not self.all_stages:
             # Patience comes from the contract: the stages the producers make.
             patience = self.meta["stages"]["train"][self.stage.active].get("val_loss_stale_count")
             # Every rank updates its stage state; the first one publishes it.

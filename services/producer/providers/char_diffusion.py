@@ -17,13 +17,13 @@ from services.producer.provider import Provider
 from shared.codec import TensorSpec
 from shared.corpus import load_corpus
 from shared.masking import mask_windows
-from shared.settings import Settings, SettingsError
+from shared.settings import ProducerConfig, SettingsError
 
 
 class CharDiffusionProvider(Provider):
     name = "char_diffusion"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ProducerConfig) -> None:
         super().__init__(settings)
         self.corpus = load_corpus(
             corpus_path=settings.corpus_path,
