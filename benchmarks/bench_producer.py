@@ -255,7 +255,7 @@ def measure_baseline(
     timer: Timer, corpus: Path, settings: Settings, per_token: bool
 ) -> BaselineResult:
     """A torch provider writing pickled .pt files: masking in per-token Python
-    loops (the reference design as its issue describes it) or vectorized per
+    loops (the single-machine pipeline this project replaces) or vectorized per
     sample (a stronger baseline). Imported here so that only this measurement
     loads torch (the producer does not depend on it)."""
     from benchmarks.torch_baseline import (

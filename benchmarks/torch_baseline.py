@@ -1,10 +1,10 @@
-"""The baseline: batches made the way the reference design made them.
+"""The baseline: batches made the way a single-machine torch pipeline makes them.
 
-The reference design sampled a batch of windows with torch, masked each sequence
-in a Python loop (a sticky stage also loops over its rounds, per sequence, with
-torch ops on that sequence's 1-D tensor), applied the 80/10/10 BERT corruption
-per sequence, built int64 ``x`` / ``y`` (labels, -100 where not selected) and a
-bool mask, and handed the batch on as a pickled ``.pt`` file in a directory
+That pipeline samples a batch of windows with torch, masks each sequence in
+a Python loop (a sticky stage also loops over its rounds, per sequence, with
+torch ops on that sequence's 1-D tensor), applies the 80/10/10 BERT corruption
+per sequence, builds int64 ``x`` / ``y`` (labels, -100 where not selected) and
+a bool mask, and hands the batch on as a pickled ``.pt`` file in a directory
 (a filesystem queue). This module re-creates that, with the same stages and
 semantics as :mod:`shared.masking`, so the producer benchmark can measure what
 our vectorized numpy + msgpack path replaces. It is deliberately *not*
@@ -180,10 +180,10 @@ def check_batch(batch: dict[str, torch.Tensor], stage: AnyStage, mask_id: int) -
 
 
 class PerTokenReferenceProducer(TorchReferenceProducer):
-    """The reference design as its issue describes it: a torch provider that
-    masks text in per-token Python loops (a sticky round visits every position
-    and reads its random draw with ``.item()``; BERT corruption decides token by
-    token). Same stages, semantics, tensors and ``.pt`` files as the parent."""
+    """The slowest faithful baseline: a torch provider that masks text in
+    per-token Python loops (a sticky round visits every position and reads its
+    random draw with ``.item()``; BERT corruption decides token by token).
+    Same stages, semantics, tensors and ``.pt`` files as the parent."""
 
     def _sticky_round(self, spec: StickyStage, selected: torch.Tensor) -> torch.Tensor:
         length = self.block_size

@@ -66,10 +66,6 @@ class TensorSpec:
     def to_json(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "shape": list(self.shape)}
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
-
 
 @dataclass(frozen=True)
 class Batch:

@@ -9,7 +9,7 @@ step), ``reconstruction_accuracy`` (one-shot fill-in at a fixed mask ratio),
     python -m services.trainer.sample --checkpoint=out/ckpt.pt --prompt="ROMEO:" \\
         --length=200 --steps=50 --mask_ratios=0.15,0.5,0.9
 
-Sampling follows the field notes: Gumbel noise in float64 (float32 noise
+Sampling draws its Gumbel noise in float64 (float32 noise
 measurably lowers diversity), a cosine schedule for how many positions stay
 masked, and the sample's character entropy printed beside it.
 """
