@@ -5,16 +5,16 @@ A message is one msgpack map (README, "Wire format")::
     {"v": 1, "fp": str, "split": "train"|"val", "stage": int, "producer": int,
      "seq": int, "t": float, "tensors": {name: [dtype, [dim, ...], bin]}}
 
-Encoding uses the msgpack library. Decoding walks the msgpack bytes itself so
-that every tensor is a read-only numpy view into the received buffer (zero
-copy) and so that anything malformed raises :class:`CodecError` with a reason,
-never a crash or a silently wrong array.
+Encoding and decoding use the msgpack library (its C unpacker, with length
+limits taken from the entry's size). Anything malformed raises
+:class:`CodecError` with a reason, never another exception or a silently
+wrong array; :mod:`shared.validation` then checks the contents against the
+dataset contract.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,6 @@ import numpy as np
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 64 * 2**20
 MAX_NDIM = 8
-MAX_DEPTH = 6
 SPLITS = ("train", "val")
 
 # Wire dtype names -> little-endian numpy dtypes. Nothing else is accepted.
@@ -56,6 +55,9 @@ class CodecError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        # Set when the message decoded far enough to say whose it is.
+        self.producer: int | None = None
+        self.seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,33 @@ def _wire_dtype_name(dtype: np.dtype) -> str:
 
 # ------------------------------------------------------------------- decode
 
+FIELDS = frozenset({"v", "fp", "split", "stage", "producer", "seq", "t", "tensors"})
+INT64_MAX = 2**63 - 1
+# Bytes a message holds beyond its tensors' raw bytes: the keys, the small
+# values, and per tensor its name, dtype, shape and bin header. Generous.
+HEADER_SLACK = 1024
+MAX_NAME = 64  # longest tensor name or dtype or fingerprint we accept
+
+
+def max_message_size(schema: dict[str, TensorSpec]) -> int:
+    """The largest a valid message of ``schema`` can be: its raw tensor bytes
+    plus :data:`HEADER_SLACK`. Readers refuse longer entries before parsing."""
+    raw = sum(math.prod(s.shape) * DTYPES[s.dtype].itemsize for s in schema.values())
+    return raw + HEADER_SLACK
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """msgpack's map hook: string keys only, each once (a plain dict would keep
+    the last of duplicate keys silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise CodecError("wrong_type", f"map keys must be strings, got {type(key).__name__}")
+        if key in out:
+            raise CodecError("duplicate_key", f"key {key!r} appears twice in one map")
+        out[key] = value
+    return out
+
 
 def decode(
     data: bytes | bytearray | memoryview,
@@ -121,19 +150,50 @@ def decode(
     schema: dict[str, TensorSpec] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Batch:
-    """Decode one message. With ``fingerprint`` or ``schema`` given, a message of
-    another dataset contract is refused (``foreign_fingerprint`` /
-    ``schema_mismatch``)."""
+    """Decode one message and check its structure; anything wrong raises
+    :class:`CodecError` with a reason. With ``fingerprint`` or ``schema`` given,
+    a message of another dataset contract is refused (``foreign_fingerprint`` /
+    ``schema_mismatch``).
+
+    The msgpack library's C unpacker does the parsing, with every length limit
+    set from the entry's own size, so its work and memory grow with the bytes
+    received, never with what a header claims. Each tensor is a read-only numpy
+    view of the bin the unpacker returned (one copy of the raw bytes)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CodecError("wrong_type", f"expected bytes, got {type(data).__name__}")
-    if len(data) > max_bytes:
-        raise CodecError("oversized", f"{len(data)} bytes exceeds the limit of {max_bytes}")
-    reader = _Reader(memoryview(data).cast("B") if isinstance(data, memoryview) else data)
-    message = reader.read(0)
-    if reader.pos != len(data):
-        raise CodecError("malformed", f"{len(data) - reader.pos} trailing bytes after the message")
+    size = memoryview(data).nbytes
+    if schema is not None:
+        max_bytes = min(max_bytes, max_message_size(schema))
+    if size > max_bytes:
+        raise CodecError("oversized", f"{size} bytes exceeds the limit of {max_bytes}")
+    try:
+        message = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            object_pairs_hook=_pairs,
+            strict_map_key=False,  # _pairs refuses non-string keys with a reason
+            max_bin_len=size,
+            max_str_len=min(size, 4 * MAX_NAME),
+            max_array_len=MAX_NDIM + 3,
+            max_map_len=len(FIELDS) + 8,
+            max_ext_len=0,
+        )
+    except CodecError:
+        raise
+    except msgpack.ExtraData:
+        raise CodecError("malformed", "trailing bytes after the message") from None
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+        # msgpack's OutOfData, FormatError, StackError, and limit errors.
+        raise CodecError("malformed", f"not a msgpack message: {type(exc).__name__}") from None
     if not isinstance(message, dict):
         raise CodecError("wrong_type", "a message must be a map")
+    if set(message) != FIELDS:
+        missing, extra = sorted(FIELDS - set(message)), sorted(set(message) - FIELDS)
+        raise CodecError(
+            "malformed" if missing else "unknown_field",
+            f"missing fields {missing}" if missing else f"unknown fields {extra}",
+        )
     version = _field(message, "v", int)
     if version != FORMAT_VERSION:
         raise CodecError(
@@ -142,15 +202,17 @@ def decode(
     fp = _field(message, "fp", str)
     if fingerprint is not None and fp != fingerprint:
         raise CodecError(
-            "foreign_fingerprint", f"fingerprint {fp!r}, this run's is {fingerprint!r}"
+            "foreign_fingerprint", f"fingerprint {fp[:MAX_NAME]!r}, this run's is {fingerprint!r}"
         )
     split = _field(message, "split", str)
     if split not in SPLITS:
-        raise CodecError("malformed", f"split {split!r} is not one of {SPLITS}")
+        raise CodecError("malformed", f"split {split[:MAX_NAME]!r} is not one of {SPLITS}")
     stage, producer, seq = (_field(message, key, int) for key in ("stage", "producer", "seq"))
-    if min(stage, producer, seq) < 0:
-        raise CodecError("malformed", "stage, producer and seq must not be negative")
+    if not (0 <= stage <= INT64_MAX and 0 <= producer <= INT64_MAX and 0 <= seq <= INT64_MAX):
+        raise CodecError("out_of_range", "stage, producer and seq must be int64 and not negative")
     created = _field(message, "t", float)
+    if not math.isfinite(created):
+        raise CodecError("out_of_range", f"produce time t={created} is not finite")
     raw_tensors = _field(message, "tensors", dict)
     tensors = {name: _tensor(name, value) for name, value in raw_tensors.items()}
     if schema is not None:
@@ -159,8 +221,6 @@ def decode(
 
 
 def _field(message: dict[str, Any], key: str, kind: type) -> Any:
-    if key not in message:
-        raise CodecError("malformed", f"missing field {key!r}")
     value = message[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -171,138 +231,41 @@ def _field(message: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
-def _tensor(name: Any, value: Any) -> np.ndarray:
-    if not isinstance(name, str):
-        raise CodecError("wrong_type", "tensor names must be strings")
+def _tensor(name: str, value: Any) -> np.ndarray:
     if not (isinstance(value, list) and len(value) == 3):
-        raise CodecError("wrong_type", f"tensor {name!r} must be [dtype, shape, bytes]")
+        raise CodecError("wrong_type", f"tensor {name[:MAX_NAME]!r} must be [dtype, shape, bytes]")
     dtype_name, shape, raw = value
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise CodecError("bad_dtype", f"tensor {name!r} has dtype {dtype_name!r}")
+        raise CodecError("bad_dtype", f"tensor {name[:MAX_NAME]!r} has dtype {dtype_name!r:.80}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= INT64_MAX for d in shape
+        )
     ):
-        raise CodecError("bad_shape", f"tensor {name!r} has shape {shape!r}")
-    if not isinstance(raw, memoryview):
-        raise CodecError("wrong_type", f"tensor {name!r} data must be msgpack bin")
+        raise CodecError("bad_shape", f"tensor {name[:MAX_NAME]!r} has shape {shape!r:.120}")
+    if not isinstance(raw, bytes):
+        raise CodecError("wrong_type", f"tensor {name[:MAX_NAME]!r} data must be msgpack bin")
     dtype = DTYPES[dtype_name]
+    # Python ints: a product that overflows int64 cannot match a real length.
     expected = math.prod(shape) * dtype.itemsize
-    if expected != raw.nbytes:
+    if expected != len(raw):
         raise CodecError(
             "bad_shape",
-            f"tensor {name!r}: shape {shape} of {dtype_name} needs {expected} bytes, "
-            f"got {raw.nbytes}",
+            f"tensor {name[:MAX_NAME]!r}: shape {shape} of {dtype_name} needs {expected} bytes, "
+            f"got {len(raw)}",
         )
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
-    array.flags.writeable = False
-    return array
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)  # read-only: bytes are immutable
 
 
 def _check_schema(tensors: dict[str, np.ndarray], schema: dict[str, TensorSpec]) -> None:
     if set(tensors) != set(schema):
         raise CodecError(
-            "schema_mismatch", f"tensors {sorted(tensors)}, the schema has {sorted(schema)}"
+            "schema_mismatch",
+            f"tensors {sorted(tensors)[:8]}, the schema has {sorted(schema)}",
         )
     for name, spec in schema.items():
         got = TensorSpec(tensors[name].dtype.name, tuple(tensors[name].shape))
         if got != spec:
             raise CodecError("schema_mismatch", f"tensor {name!r} is {got}, the schema says {spec}")
-
-
-class _Reader:
-    """A strict msgpack reader for the subset we use (no ext types); bin values
-    come back as memoryviews into the input."""
-
-    __slots__ = ("buf", "pos", "view")
-
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self.buf = data
-        self.view = memoryview(data)
-        self.pos = 0
-
-    def _take(self, n: int) -> int:
-        start = self.pos
-        end = start + n
-        if end > len(self.buf):
-            raise CodecError("truncated", f"needs {end} bytes, message has {len(self.buf)}")
-        self.pos = end
-        return start
-
-    def _unpack(self, fmt: str, n: int) -> Any:
-        return struct.unpack_from(fmt, self.buf, self._take(n))[0]
-
-    def _str(self, n: int) -> str:
-        start = self._take(n)
-        try:
-            return bytes(self.view[start : start + n]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError("malformed", "a string is not valid UTF-8") from None
-
-    def _count(self, n: int) -> int:
-        # Every element takes at least one byte: a larger count cannot be real.
-        if n > len(self.buf) - self.pos:
-            raise CodecError("truncated", f"container claims {n} items, too few bytes remain")
-        return n
-
-    def read(self, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise CodecError("malformed", f"nesting deeper than {MAX_DEPTH}")
-        b = self.buf[self._take(1)]
-        if b <= 0x7F:
-            return b
-        if b >= 0xE0:
-            return b - 0x100
-        if 0xA0 <= b <= 0xBF:
-            return self._str(b & 0x1F)
-        if 0x90 <= b <= 0x9F:
-            return self._array(b & 0x0F, depth)
-        if 0x80 <= b <= 0x8F:
-            return self._map(b & 0x0F, depth)
-        if b == 0xC0:
-            return None
-        if b in (0xC2, 0xC3):
-            return b == 0xC3
-        if b in (0xC4, 0xC5, 0xC6):
-            n = self._unpack((">B", ">H", ">I")[b - 0xC4], (1, 2, 4)[b - 0xC4])
-            start = self._take(n)
-            return self.view[start : start + n]
-        if b == 0xCA:
-            return self._unpack(">f", 4)
-        if b == 0xCB:
-            return self._unpack(">d", 8)
-        if 0xCC <= b <= 0xD3:
-            fmt, n = _INTS[b - 0xCC]
-            return self._unpack(fmt, n)
-        if b in (0xD9, 0xDA, 0xDB):
-            return self._str(self._unpack((">B", ">H", ">I")[b - 0xD9], (1, 2, 4)[b - 0xD9]))
-        if b in (0xDC, 0xDD):
-            return self._array(self._unpack((">H", ">I")[b - 0xDC], (2, 4)[b - 0xDC]), depth)
-        if b in (0xDE, 0xDF):
-            return self._map(self._unpack((">H", ">I")[b - 0xDE], (2, 4)[b - 0xDE]), depth)
-        raise CodecError("malformed", f"unsupported msgpack type byte 0x{b:02x}")
-
-    def _array(self, n: int, depth: int) -> list[Any]:
-        return [self.read(depth + 1) for _ in range(self._count(n))]
-
-    def _map(self, n: int, depth: int) -> dict[Any, Any]:
-        out: dict[Any, Any] = {}
-        for _ in range(self._count(n)):
-            key = self.read(depth + 1)
-            if not isinstance(key, str | int):
-                raise CodecError("wrong_type", "map keys must be strings or integers")
-            out[key] = self.read(depth + 1)
-        return out
-
-
-_INTS = [
-    (">B", 1),
-    (">H", 2),
-    (">I", 4),
-    (">Q", 8),
-    (">b", 1),
-    (">h", 2),
-    (">i", 4),
-    (">q", 8),
-]

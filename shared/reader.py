@@ -1,6 +1,7 @@
-"""Reading batches back: a consumer-group member that decodes entries,
-dead-letters the ones nobody may train on, and acks-and-deletes on request;
-plus the non-destructive read of the fixed validation set."""
+"""Reading batches back: a consumer-group member that checks every entry
+completely (shared/validation.py), dead-letters the ones nobody may train on,
+enforces the delivery limit, and acks-and-deletes on request; plus the
+non-destructive read of the fixed validation set."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from collections.abc import Callable, Iterable
 
 import redis
 
-from shared.codec import Batch, CodecError, TensorSpec, decode
+from shared.codec import Batch, CodecError
 from shared.streams import (
-    PAYLOAD_FIELD,
     Entry,
     StreamKeys,
     ack_and_delete,
@@ -21,14 +21,33 @@ from shared.streams import (
     read_new,
     reclaim,
 )
+from shared.validation import EntryValidator
 
 log = logging.getLogger(__name__)
 
 Delivered = tuple[bytes, Batch]
 
 
+def _checked(validator: EntryValidator, fields: dict[bytes, bytes]) -> Batch:
+    """The validator's verdict; any unexpected exception inside a check is
+    turned into an ``internal_error`` refusal, never raised past here."""
+    try:
+        return validator.check(fields)
+    except CodecError:
+        raise
+    except Exception as exc:  # a bug or a resource limit in a check: refuse the entry
+        raise CodecError("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
 class BatchReader:
-    """One consumer of ``group`` on the training stream."""
+    """One consumer of ``group`` on the training stream.
+
+    Delivery limit: a training step that fails records its entries in the
+    group's failures hash (:meth:`record_failure`). An entry reclaimed after
+    ``max_deliveries`` such failures is dead-lettered (``delivery_limit``)
+    instead of being handed to a step again. Only failed steps count, so
+    restarts of a healthy trainer, which deliver the same valid entries again,
+    never dead-letter them."""
 
     def __init__(
         self,
@@ -37,33 +56,83 @@ class BatchReader:
         group: str,
         consumer: str,
         *,
-        fingerprint: str,
-        schema: dict[str, TensorSpec],
-        max_bytes: int,
+        validator: EntryValidator,
         dead_letter_maxlen: int,
+        max_deliveries: int = 3,
         on_dead_letter: Callable[[str], None] | None = None,
+        on_dead_letter_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.client, self.keys, self.group, self.consumer = client, keys, group, consumer
+        self.validator = validator
         self.on_dead_letter = on_dead_letter
+        self.on_dead_letter_lost = on_dead_letter_lost
         self.stream = keys.train
-        self.fingerprint, self.schema, self.max_bytes = fingerprint, schema, max_bytes
+        self.failures_key = keys.failures(group)
         self.dead_letter_maxlen = dead_letter_maxlen
+        self.max_deliveries = max_deliveries
         self.dead_letters: Counter[str] = Counter()
+        self.dead_letters_lost = 0
 
     def setup(self, start_id: str = "0") -> None:
         ensure_group(self.client, self.stream, self.group, start_id)
 
     def reclaim(self, min_idle_ms: int) -> list[Delivered]:
-        """This consumer's own pending entries, then idle ones of others."""
-        entries = reclaim(self.client, self.stream, self.group, self.consumer, min_idle_ms)
-        return self._usable(entries)
+        """This consumer's own pending entries, then idle ones of others;
+        entries past the delivery limit are dead-lettered here."""
+        entries = list(reclaim(self.client, self.stream, self.group, self.consumer, min_idle_ms))
+        return self._usable(self._within_delivery_limit(entries))
 
     def read(self, count: int, block_ms: int | None) -> list[Delivered]:
         entries = read_new(self.client, self.stream, self.group, self.consumer, count, block_ms)
-        return self._usable(entries)
+        return self._usable(entries)  # never delivered before: no failures to look up
 
     def ack(self, ids: list[bytes]) -> int:
-        return ack_and_delete(self.client, self.stream, self.group, ids)
+        return ack_and_delete(self.client, self.stream, self.group, ids, self.failures_key)
+
+    def record_failure(self, ids: list[bytes]) -> None:
+        """A training step failed while it held ``ids``: count it against each."""
+        if not ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.hincrby(self.failures_key, entry_id, 1)
+        pipe.execute()
+
+    # ------------------------------------------------------------- checks
+
+    def _within_delivery_limit(self, entries: list[Entry]) -> list[Entry]:
+        named = [entry for entry in entries if entry[1]]
+        if not named:
+            return entries
+        counts = self.client.hmget(self.failures_key, [entry_id for entry_id, _ in named])
+        failed = {
+            entry_id: int(count)
+            for (entry_id, _), count in zip(named, counts, strict=True)
+            if count is not None and int(count) >= self.max_deliveries
+        }
+        if not failed:
+            return entries
+        kept = []
+        for entry_id, fields in entries:
+            if entry_id not in failed:
+                kept.append((entry_id, fields))
+                continue
+            # XPENDING's extended form knows how often Redis delivered it.
+            info = self.client.xpending_range(self.stream, self.group, entry_id, entry_id, 1)
+            delivered = info[0]["times_delivered"] if info else "?"
+            refusal = CodecError(
+                "delivery_limit",
+                f"{failed[entry_id]} training steps failed on it (max_deliveries="
+                f"{self.max_deliveries}); delivered {delivered} times",
+            )
+            try:  # name its producer and seq in the record when it decodes
+                batch = _checked(self.validator, fields)
+                refusal.producer, refusal.seq = batch.producer, batch.seq
+            except CodecError:
+                pass
+            self._dead_letter(entry_id, fields, refusal)
+            self.client.hdel(self.failures_key, entry_id)
+        return kept
 
     def _usable(self, entries: Iterable[Entry]) -> list[Delivered]:
         out: list[Delivered] = []
@@ -73,35 +142,36 @@ class BatchReader:
                 gone.append(entry_id)
                 continue
             try:
-                payload = fields.get(PAYLOAD_FIELD)
-                if payload is None:
-                    raise CodecError("malformed", f"entry has no {PAYLOAD_FIELD.decode()!r} field")
-                batch = decode(
-                    payload,
-                    fingerprint=self.fingerprint,
-                    schema=self.schema,
-                    max_bytes=self.max_bytes,
-                )
+                batch = _checked(self.validator, fields)
             except CodecError as exc:
-                self.dead_letters[exc.reason] += 1
-                if self.on_dead_letter is not None:
-                    self.on_dead_letter(exc.reason)
-                dead_letter(
-                    self.client,
-                    self.keys,
-                    source=self.stream,
-                    entry_id=entry_id,
-                    fields=fields,
-                    reason=exc.reason,
-                    detail=exc.detail,
-                    maxlen=self.dead_letter_maxlen,
-                    group=self.group,
-                )
+                self._dead_letter(entry_id, fields, exc)
                 continue
             out.append((entry_id, batch))
         if gone:
             self.client.xack(self.stream, self.group, *gone)
         return out
+
+    def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], exc: CodecError) -> None:
+        self.dead_letters[exc.reason] += 1
+        if self.on_dead_letter is not None:
+            self.on_dead_letter(exc.reason)
+        stored = dead_letter(
+            self.client,
+            self.keys,
+            source=self.stream,
+            entry_id=entry_id,
+            fields=fields,
+            reason=exc.reason,
+            detail=exc.detail,
+            maxlen=self.dead_letter_maxlen,
+            group=self.group,
+            producer=exc.producer,
+            seq=exc.seq,
+        )
+        if not stored:
+            self.dead_letters_lost += 1
+            if self.on_dead_letter_lost is not None:
+                self.on_dead_letter_lost(exc.reason)
 
 
 def validation_ready(client: redis.Redis, keys: StreamKeys, fingerprint: str) -> bool:
@@ -111,27 +181,25 @@ def validation_ready(client: redis.Redis, keys: StreamKeys, fingerprint: str) ->
 def read_validation(
     client: redis.Redis,
     keys: StreamKeys,
-    *,
-    fingerprint: str,
-    schema: dict[str, TensorSpec],
-    max_bytes: int,
+    validator: EntryValidator,
+    on_bad: Callable[[str], None] | None = None,
 ) -> list[Batch]:
-    """The whole fixed validation set, in order, read without consuming it.
-    Call once :func:`validation_ready` is true. A bad entry here means the set
-    itself is corrupt, so it raises instead of skipping."""
+    """The fixed validation set, in order, read without consuming it. Call once
+    :func:`validation_ready` is true. A bad entry is skipped with a log line
+    (and ``on_bad(reason)``): the set is the producers' to repair, and an
+    evaluation on the rest is still the same for every run."""
     batches = []
     for entry_id, fields in client.xrange(keys.val):
         try:
-            batches.append(
-                decode(
-                    fields[PAYLOAD_FIELD],
-                    fingerprint=fingerprint,
-                    schema=schema,
-                    max_bytes=max_bytes,
-                )
+            batches.append(_checked(validator, fields))
+        except CodecError as exc:
+            log.error(
+                "skipping validation entry %s of %s: %s (%s)",
+                entry_id.decode(errors="replace"),
+                keys.val,
+                exc.reason,
+                exc.detail[:200],
             )
-        except (CodecError, KeyError) as exc:
-            raise CodecError(
-                "malformed", f"validation entry {entry_id!r} is unusable: {exc}"
-            ) from exc
+            if on_bad is not None:
+                on_bad(exc.reason)
     return batches

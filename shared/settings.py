@@ -305,6 +305,11 @@ class TrainSettings(_Base):
         250, ge=0, description="iterations between checkpoints (0 = only at the end)"
     )
     prefetch_batches: int = Field(8, ge=1, description="micro-batches each rank reads ahead")
+    max_deliveries: int = Field(
+        3,
+        ge=1,
+        description="training steps that may fail on an entry before it is dead-lettered",
+    )
     reclaim_idle_ms: int = Field(
         60_000, ge=0, description="idle time after which a gone consumer's entries are taken"
     )

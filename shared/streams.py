@@ -7,6 +7,7 @@ reader can check against the Redis documentation. Works on Redis 6.2 and 7.x.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -65,6 +66,10 @@ class StreamKeys:
     @property
     def stage(self) -> str:
         return self._key("stage")
+
+    def failures(self, group: str) -> str:
+        """Hash: entry id -> training steps of ``group`` that failed on it."""
+        return self._key(f"train:failures:{group}")
 
     @property
     def producer_counter(self) -> str:
@@ -395,15 +400,25 @@ def reclaim(
         yield from own_pending()
 
 
-def ack_and_delete(client: redis.Redis, stream: str, group: str, ids: list[bytes]) -> int:
-    """XACK then XDEL in one MULTI, so the stream's length is the backlog.
-    Returns how many were acked by this call."""
+def ack_and_delete(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    ids: list[bytes],
+    failures_key: str | None = None,
+) -> int:
+    """XACK then XDEL, so the stream's length is the backlog. Returns how many
+    were acked by this call. A plain pipeline, not MULTI: at maxmemory Redis
+    aborts a whole transaction, while XACK and XDEL alone go through and free
+    memory."""
     if not ids:
         return 0
-    pipe = client.pipeline(transaction=True)
+    pipe = client.pipeline(transaction=False)
     pipe.xack(stream, group, *ids)
     pipe.xdel(stream, *ids)
-    acked, _deleted = pipe.execute()
+    if failures_key is not None:
+        pipe.hdel(failures_key, *ids)  # done with them: forget their failed steps
+    acked = pipe.execute()[0]
     return int(acked)
 
 
@@ -419,6 +434,9 @@ def pending_count(client: redis.Redis, stream: str, group: str) -> int:
 # --------------------------------------------------------------- dead letters
 
 
+DEAD_LETTER_HEAD = 4096  # bytes of a bad payload kept for inspection
+
+
 def dead_letter(
     client: redis.Redis,
     keys: StreamKeys,
@@ -430,24 +448,55 @@ def dead_letter(
     detail: str,
     maxlen: int,
     group: str | None = None,
-) -> None:
-    """Copy a bad entry to the dead-letter stream with its reason, then (for a
-    consumer group) ack and delete the original so nobody trains on it."""
+    producer: int | None = None,
+    seq: int | None = None,
+) -> bool:
+    """Record a bad entry in the dead-letter stream, then (for a consumer
+    group) ack and delete the original so nobody trains on it.
+
+    The record is bounded whatever the entry: reason, detail, where it came
+    from, producer/seq when they were readable, the payload's length and
+    SHA-256 and its first 4 KiB. If the record cannot be written (Redis full,
+    no permission) the entry is still acked and deleted, and False comes
+    back: a bad entry must never block the queue."""
+    payload = fields.get(PAYLOAD_FIELD)
+    if payload is None:  # no 'd' field: keep the first one there is
+        payload = next(iter(fields.values()), b"")
     record: dict[str | bytes, Any] = {
         "reason": reason,
         "detail": detail[:1000],
         "source": source,
         "id": entry_id,
+        "fields": b",".join(sorted(fields))[:200],
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "payload_head": payload[:DEAD_LETTER_HEAD],
     }
-    for name, value in fields.items():
-        record[b"field:" + (name if isinstance(name, bytes) else str(name).encode())] = value
-    pipe = client.pipeline(transaction=True)
-    pipe.xadd(keys.dead, record, maxlen=maxlen, approximate=True)
+    if producer is not None and seq is not None:
+        record["producer"], record["seq"] = producer, seq
+    stored = True
+    try:
+        client.xadd(keys.dead, record, maxlen=maxlen, approximate=True)
+    except ResponseError as exc:  # OOM at maxmemory, NOPERM: lose the record, not the queue
+        stored = False
+        log.error(
+            "could not record dead letter %s %s (%s: %s): %s; removing the entry anyway",
+            source,
+            entry_id,
+            reason,
+            detail[:200],
+            exc,
+        )
     if group is not None:
+        # A plain pipeline, not MULTI: at maxmemory Redis aborts a whole
+        # transaction, while XACK and XDEL alone go through and free memory.
+        pipe = client.pipeline(transaction=False)
         pipe.xack(source, group, entry_id)
         pipe.xdel(source, entry_id)
-    pipe.execute()
-    log.warning("dead-lettered %s %s: %s (%s)", source, entry_id, reason, detail[:200])
+        pipe.execute()
+    if stored:
+        log.warning("dead-lettered %s %s: %s (%s)", source, entry_id, reason, detail[:200])
+    return stored
 
 
 # ------------------------------------------------------------- control keys

@@ -3,6 +3,7 @@ a real redis-server and real producers; accounting checked entry by entry."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 import psutil
 import pytest
 import torch
@@ -77,9 +79,18 @@ def acked_entries(ack_log: Path) -> Counter:
     return counts
 
 
+def dead_lettered(client) -> Counter:
+    """(producer, seq) -> dead-letter records of training entries that named them."""
+    return Counter(
+        (int(fields[b"producer"]), int(fields[b"seq"]))
+        for _, fields in client.xrange(KEYS.dead)
+        if b"producer" in fields and fields[b"source"] == KEYS.train.encode()
+    )
+
+
 def close_accounts(client, acked: Counter) -> dict[str, int]:
-    """produced = acked + pending + waiting, for every sequence number, with
-    nothing acked twice. Producers must be stopped."""
+    """produced = acked once + dead-lettered + still queued (pending or
+    waiting), for every sequence number. Producers must be stopped."""
     produced = {
         (int(p), seq)
         for p, last in client.hgetall(KEYS.produced).items()
@@ -90,16 +101,20 @@ def close_accounts(client, acked: Counter) -> dict[str, int]:
         for _, fields in client.xrange(KEYS.train)
         for b in [decode(fields[PAYLOAD_FIELD])]
     )
+    dead = dead_lettered(client)
+    dead_produced = {key for key in dead if key in produced}  # not hand-made poison
     assert max(acked.values(), default=1) == 1, "an entry was acked twice"
     assert max(in_stream.values(), default=1) == 1, "an entry is in the stream twice"
     assert not set(acked) & set(in_stream), "an acked entry is still in the stream"
-    assert set(acked) | set(in_stream) == produced, (
-        f"lost: {sorted(produced - set(acked) - set(in_stream))[:10]}, "
+    assert not dead_produced & (set(acked) | set(in_stream)), "dead-lettered yet trained on"
+    assert set(acked) | set(in_stream) | dead_produced == produced, (
+        f"lost: {sorted(produced - set(acked) - set(in_stream) - dead_produced)[:10]}, "
         f"unexpected: {sorted((set(acked) | set(in_stream)) - produced)[:10]}"
     )
     pending = sum(g["pending"] for g in client.xinfo_groups(KEYS.train))
     return {
         "produced": len(produced),
+        "dead": len(dead_produced),
         "acked": len(acked),
         "in_stream": len(in_stream),
         "pending": pending,
@@ -380,3 +395,238 @@ def test_waiting_without_producers_then_stopping(redis7, tmp_path):
     )
     proc.terminate()
     assert proc.wait(30) == 0
+
+
+# ------------------------------------------------------------------ poison
+
+
+def _pack_map(pairs: list[tuple[object, object]]) -> bytes:
+    """A msgpack map from pairs as given: duplicate and non-string keys too."""
+    n = len(pairs)
+    head = bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+    return head + b"".join(
+        msgpack.packb(k, use_bin_type=True) + msgpack.packb(v, use_bin_type=True) for k, v in pairs
+    )
+
+
+def poison_entries(meta: dict) -> list[tuple[str, dict[bytes, bytes]]]:
+    """(expected reason, entry fields): one hand-made bad entry of each kind,
+    producer 9000 + its index so none can be mistaken for a real entry."""
+    B, T = meta["batch_size"], meta["block_size"]
+    mask, ignore = meta["mask_token_id"], meta["label_ignore_value"]
+    good_in, good_labels = bytes(B * T), bytes([ignore]) * (B * T)
+
+    def pairs(i: int, **change) -> list[tuple[object, object]]:
+        tensors = {
+            "input": ["uint8", [B, T], change.pop("input", good_in)],
+            "labels": ["uint8", [B, T], change.pop("labels", good_labels)],
+        }
+        base = {
+            "v": 1,
+            "fp": meta["fingerprint"],
+            "split": "train",
+            "stage": 0,
+            "producer": 9000 + i,
+            "seq": i,
+            "t": 1.0,
+            "tensors": tensors,
+        }
+        return list({**base, **change}.items())
+
+    def entry(payload: bytes) -> dict[bytes, bytes]:
+        return {PAYLOAD_FIELD: payload}
+
+    valid = _pack_map(pairs(99))
+    return [
+        ("bad_tokens", entry(_pack_map(pairs(0, input=bytes([200]) * (B * T))))),
+        ("bad_labels", entry(_pack_map(pairs(1, labels=bytes([100]) * (B * T))))),
+        ("bad_labels", entry(_pack_map(pairs(2, labels=bytes([mask]) * (B * T))))),
+        (
+            "bad_shape",
+            entry(
+                _pack_map(
+                    pairs(
+                        3,
+                        tensors={
+                            "input": ["uint8", [0, 2**63], b""],
+                            "labels": ["uint8", [0], b""],
+                        },
+                    )
+                )
+            ),
+        ),
+        ("unknown_field", entry(_pack_map([*pairs(4), ("extra", 1)]))),
+        ("wrong_type", entry(_pack_map([*pairs(5), (7, 1)]))),
+        ("duplicate_key", entry(_pack_map([*pairs(6), ("v", 1)]))),
+        ("bad_entry_fields", {PAYLOAD_FIELD: _pack_map(pairs(7)), b"x": b"1"}),
+        ("wrong_split", entry(_pack_map(pairs(8, split="val")))),
+        ("bad_stage", entry(_pack_map(pairs(9, stage=99)))),
+        ("oversized", entry(b"\xdd" + (2**22).to_bytes(4, "big") + b"\xc4\x00" * 2**22)),
+        ("foreign_fingerprint", entry(_pack_map(pairs(11, fp="0" * 16)))),
+        ("malformed", entry(valid[:50])),
+        ("unsupported_version", entry(_pack_map(pairs(13, v=2)))),
+        ("out_of_range", entry(_pack_map(pairs(14, t=math.nan)))),
+        ("out_of_range", entry(_pack_map(pairs(15, producer=2**64 - 1)))),
+        ("bad_entry_fields", {b"x": valid}),
+        (
+            "schema_mismatch",
+            entry(
+                _pack_map(
+                    pairs(
+                        17,
+                        tensors={
+                            "input": ["uint8", [B, T - 1], bytes(B * (T - 1))],
+                            "labels": ["uint8", [B, T], good_labels],
+                        },
+                    )
+                )
+            ),
+        ),
+        ("malformed", entry(b"\xc1" * 32)),
+        ("wrong_type", entry(_pack_map(pairs(19, t="yesterday")))),
+    ]
+
+
+def test_poison_entries_are_dead_lettered_and_training_finishes(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """Every kind of bad entry, written straight into the streams, goes to the
+    dead-letter stream with its reason; the trainer trains on none of them,
+    skips a bad validation entry, and exits 0."""
+    producer = start_producer(
+        f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL, "--max_backlog=16"
+    )
+    client = redis7.client()
+    wait_until(lambda: client.xlen(KEYS.train) >= 16, 60, "a full backlog")
+    meta = wait_for_contract(client, KEYS, threading.Event())
+    cases = poison_entries(meta)
+    assert len(cases) >= 14 and len({reason for reason, _ in cases}) >= 14
+    ids = {client.xadd(KEYS.train, fields): reason for reason, fields in cases}
+    client.xadd(KEYS.val, {PAYLOAD_FIELD: b"\xc1 not a batch"})  # a poisoned validation set
+    ack_log = tmp_path / "acks"
+    out = run_trainer(
+        1,
+        [
+            f"--redis_url={redis7.url}",
+            *SMALL,
+            "--max_iters=40",
+            "--eval_interval=20",
+            f"--out_dir={tmp_path / 'run'}",
+            f"--ack_log={ack_log}",
+        ],
+        tmp_path / "trainer.log",
+    )
+    assert producer.terminate() == 0
+    dead = {fields[b"id"]: fields for _, fields in client.xrange(KEYS.dead)}
+    for entry_id, reason in ids.items():
+        assert entry_id in dead, f"{reason} entry {entry_id} was not dead-lettered"
+        assert dead[entry_id][b"reason"].decode() == reason, dead[entry_id][b"detail"]
+    # Each record is bounded: 4 KiB of the payload, its length and hash.
+    oversized = next(e for e, r in ids.items() if r == "oversized")
+    record = dead[oversized]
+    payload = dict(cases)["oversized"][PAYLOAD_FIELD]
+    assert int(record[b"payload_bytes"]) == len(payload) > 8 * 2**20
+    assert record[b"payload_sha256"].decode() == hashlib.sha256(payload).hexdigest()
+    assert record[b"payload_head"] == payload[:4096]
+    assert sum(len(k) + len(v) for k, v in record.items()) < 6000
+    acked = acked_entries(ack_log)
+    assert not [key for key in acked if key[0] >= 9000], "a poison entry was trained on"
+    assert "skipping validation entry" in out
+    close_accounts(client, acked)
+
+
+def test_an_entry_that_fails_every_step_is_dead_lettered_after_max_deliveries(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """A valid entry a step cannot use (a test hook makes the step raise on
+    producer 0, seq 5) crashes the trainer max_deliveries times, then the
+    restarted trainer dead-letters it and finishes."""
+    producer = start_producer(
+        f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL, "--max_backlog=32"
+    )
+    ack_log = tmp_path / "acks"
+    args = [
+        f"--redis_url={redis7.url}",
+        *SMALL,
+        "--max_iters=20",
+        "--eval_interval=20",
+        "--max_deliveries=2",
+        f"--out_dir={tmp_path / 'run'}",
+        f"--ack_log={ack_log}",
+    ]
+    codes = []
+    for attempt in range(3):
+        with open(tmp_path / f"attempt{attempt}.log", "w") as out:
+            codes.append(
+                subprocess.run(
+                    trainer_cmd(1, args),
+                    cwd=REPO,
+                    env={**env(), "MASKSTREAM_TEST_FAIL_ON": "0:5"},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=300,
+                ).returncode
+            )
+    assert producer.terminate() == 0
+    assert codes == [1, 1, 0], [
+        (tmp_path / f"attempt{i}.log").read_text()[-2000:] for i in range(3)
+    ]
+    assert "training step failed on entries" in (tmp_path / "attempt0.log").read_text()
+    client = redis7.client()
+    records = [fields for _, fields in client.xrange(KEYS.dead)]
+    assert [(r[b"reason"], int(r[b"producer"]), int(r[b"seq"])) for r in records] == [
+        (b"delivery_limit", 0, 5)
+    ]
+    assert b"2 training steps failed" in records[0][b"detail"]
+    assert client.hlen(KEYS.failures("default")) == 0  # forgotten once acked or dead
+    close_accounts(client, acked_entries(ack_log))
+
+
+def test_kills_of_a_healthy_trainer_dead_letter_nothing(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """SIGKILL mid-run, three times, with max_deliveries=1 and acks held until
+    checkpoints (so the same entries come back after every kill): nothing
+    valid is dead-lettered, and the accounts close."""
+    producer = start_producer(
+        f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL, "--max_backlog=64"
+    )
+    ack_log, run = tmp_path / "acks", tmp_path / "run"
+    args = [
+        f"--redis_url={redis7.url}",
+        *SMALL,
+        "--max_iters=60",
+        "--eval_interval=60",
+        "--checkpoint_interval=10",
+        "--ack_policy=checkpoint",
+        "--max_deliveries=1",
+        "--reclaim_idle_ms=0",
+        f"--out_dir={run}",
+        f"--ack_log={ack_log}",
+    ]
+    for kill in range(3):
+        log = tmp_path / f"killed{kill}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                trainer_cmd(1, [*args, "--init_from=resume"] if kill else args),
+                cwd=REPO,
+                env=env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            wait_until(
+                lambda log=log: (
+                    "/60:" in log.read_text().rpartition("checkpoint at iter")[2]
+                    and "checkpoint at iter" in log.read_text()
+                ),
+                120,
+                "a step after a checkpoint",
+            )
+            proc.kill()
+            proc.wait(30)
+    out = run_trainer(1, [*args, "--init_from=resume"], tmp_path / "final.log")
+    assert producer.terminate() == 0
+    client = redis7.client()
+    assert client.xlen(KEYS.dead) == 0, client.xrange(KEYS.dead)
+    assert "val loss" in out
+    close_accounts(client, acked_entries(ack_log))

@@ -32,7 +32,7 @@ import sys  # noqa: E402 - after the environment above
 from prometheus_client import multiprocess  # noqa: E402 - after the environment above
 
 from services.trainer.checkpoint import CheckpointError  # noqa: E402 - after the environment above
-from services.trainer.train import Trainer  # noqa: E402 - after the environment above
+from services.trainer.train import StepFailed, Trainer  # noqa: E402 - after the environment above
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
 from shared.exit_codes import ExitCode  # noqa: E402 - after the environment above
 from shared.lifecycle import stop_on_signals  # noqa: E402 - after the environment above
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     try:
         result = trainer.run()
+    except StepFailed as exc:
+        log.error("%s; exiting so that a restart goes on", exc, exc_info=exc.__cause__)
+        return ExitCode.FAILURE
     finally:
         trainer.close()
         # This rank's "live" gauges leave the multiprocess view.

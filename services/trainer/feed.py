@@ -65,6 +65,9 @@ class StreamFeed:
         self.consumer = reader.consumer
         self.rank = reader.consumer.removeprefix("rank")
         reader.on_dead_letter = lambda reason: metrics.DEAD_LETTERS.labels(reason, self.rank).inc()
+        reader.on_dead_letter_lost = lambda reason: metrics.DEAD_LETTERS_LOST.labels(
+            reason, self.rank
+        ).inc()
         self.prefetch, self.reclaim_idle_ms, self.pin = prefetch, reclaim_idle_ms, pin_memory
         self._queue: queue.Queue[MicroBatch | BaseException] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -173,6 +176,10 @@ class StreamFeed:
         for entry_id in entry_ids:
             self._delivered.pop(entry_id, None)
         return acked
+
+    def record_failure(self, entry_ids: list[bytes]) -> None:
+        """The step holding ``entry_ids`` failed: count it (the delivery limit)."""
+        self.reader.record_failure(entry_ids)
 
     @property
     def dead_letters(self) -> int:

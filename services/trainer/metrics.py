@@ -16,6 +16,21 @@ DOUBLE_ACKS = Counter("maskstream_double_acks", "Ack attempts for entries alread
 DEAD_LETTERS = Counter(
     "maskstream_dead_letters", "Entries moved to the dead-letter stream", ["reason", "rank"]
 )
+DEAD_LETTERS_LOST = Counter(
+    "maskstream_dead_letters_lost",
+    "Bad entries removed without a dead-letter record (Redis refused the record)",
+    ["reason", "rank"],
+)
+VALIDATION_SKIPPED = Counter(
+    "maskstream_validation_entries_skipped",
+    "Validation entries that failed their checks and were left out of evaluation",
+    ["reason"],
+)
+STEP_FAILURES = Counter(
+    "maskstream_step_failures",
+    "Training steps that raised (counted against their entries)",
+    ["rank"],
+)
 RECLAIMED_ENTRIES = Counter(
     "maskstream_reclaimed_entries",
     "Entries taken back at start (own pending, then idle ones of gone consumers)",

@@ -43,6 +43,7 @@ from shared.metrics import serve as serve_metrics
 from shared.reader import BatchReader, read_validation, validation_ready
 from shared.settings import TrainerConfig, TrainSettings
 from shared.streams import StreamKeys, client_for, pending_count, publish_active_stage
+from shared.validation import EntryValidator
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,31 @@ def wait_for_contract(
     return None
 
 
+class StepFailed(RuntimeError):
+    """A training step raised; its entries have been charged one failure each."""
+
+    def __init__(self, ids: list[bytes], cause: Exception) -> None:
+        shown = ", ".join(i.decode() for i in ids[:8])
+        super().__init__(
+            f"training step failed on entries {shown} ({type(cause).__name__}: {cause}); "
+            "each is dead-lettered after max_deliveries failed steps"
+        )
+
+
+FAIL_ON_ENV = "MASKSTREAM_TEST_FAIL_ON"
+
+
+def _fail_on() -> set[tuple[int, int]]:
+    """Test hook: "producer:seq,..." in MASKSTREAM_TEST_FAIL_ON makes a step
+    raise when it uses one of those entries (valid entries a step cannot use)."""
+    pairs = set()
+    for item in os.environ.get(FAIL_ON_ENV, "").split(","):
+        if item.strip():
+            producer, _, seq = item.partition(":")
+            pairs.add((int(producer), int(seq)))
+    return pairs
+
+
 class Trainer:
     """One rank's training run. Build it with :meth:`start`; the constructor
     takes what start found (process group, Redis client, contract) and reads
@@ -185,6 +211,7 @@ class Trainer:
         self._build_feed()
         self.val_batches = self._load_validation()
         self.rank_label = str(self.d.rank)
+        self._fail_on = _fail_on()
         self._queue_observed = 0.0
         self.unacked_prev: list[bytes] = []  # step N-1, acked after step N's all-reduce
         self.held: list[bytes] = []  # ack_policy=checkpoint: everything since the last one
@@ -274,10 +301,9 @@ class Trainer:
             self.keys,
             s.run_name,
             f"rank{self.d.rank}",
-            fingerprint=self.fingerprint,
-            schema=self.schema,
-            max_bytes=s.max_message_bytes,
+            validator=EntryValidator(self.meta, "train", s.max_message_bytes),
             dead_letter_maxlen=s.dead_letter_maxlen,
+            max_deliveries=s.max_deliveries,
         )
         self.feed = StreamFeed(
             reader,
@@ -318,9 +344,8 @@ class Trainer:
         batches: list[Batch] = read_validation(
             self.client,
             self.keys,
-            fingerprint=self.fingerprint,
-            schema=self.schema,
-            max_bytes=self.s.max_message_bytes,
+            EntryValidator(self.meta, "val", self.s.max_message_bytes),
+            on_bad=lambda reason: metrics.VALIDATION_SKIPPED.labels(reason).inc(),
         )
         limit = min(len(batches), self.s.eval_iters)
         return [
@@ -370,14 +395,25 @@ class Trainer:
             if mb is None:
                 return None
             used.append(mb)
-            x, y = self._to_device(mb.inputs, mb.labels)
-            sync = micro == accum - 1
-            ctx = self.model.no_sync() if self.d.enabled and not sync else contextlib.nullcontext()
-            with ctx, self._autocast():
-                _, loss = self.model(x, y, ignore_index=IGNORE_INDEX)
-                loss = loss / accum
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
+            try:
+                if (mb.producer, mb.seq) in self._fail_on:
+                    raise RuntimeError(f"{FAIL_ON_ENV} names producer {mb.producer} seq {mb.seq}")
+                x, y = self._to_device(mb.inputs, mb.labels)
+                sync = micro == accum - 1
+                no_sync = self.d.enabled and not sync
+                ctx = self.model.no_sync() if no_sync else contextlib.nullcontext()
+                with ctx, self._autocast():
+                    _, loss = self.model(x, y, ignore_index=IGNORE_INDEX)
+                    loss = loss / accum
+                self.scaler.scale(loss).backward()
+                total += loss.detach()
+            except Exception as exc:
+                # Count the failure against every entry of this step: after
+                # max_deliveries of them a restart dead-letters the entry.
+                ids = [m.entry_id for m in used]
+                self.feed.record_failure(ids)
+                metrics.STEP_FAILURES.labels(self.rank_label).inc()
+                raise StepFailed(ids, exc) from exc
         # The all-reduce of this step is done: every rank finished the last step.
         if self.s.ack_policy == "step":
             self.feed.ack(self.unacked_prev)
