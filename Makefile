@@ -25,10 +25,10 @@ demo: install ## the main job here: private Redis, 2 producers, a CPU trainer, a
 	$(PY) -m services.local --preset=tiny $(ARGS)
 
 test: install ## run every test (real redis-server; slow ones included)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install ## the quick tests only (skips those marked slow)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
 	$(PY) -m ruff check .

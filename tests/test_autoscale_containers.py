@@ -1,10 +1,10 @@
 """The autoscaler in the compose stack, on Podman's Docker API (``make test-autoscale``; CI
 runs it).
 
-- Static checks of the ``autoscaler`` service in docker-compose.yml (profile, engine socket,
-  settings, port). They need PyYAML only.
+- Checks of the ``autoscaler`` service in docker-compose.yml as compose reads it (profile,
+  image, entrypoint, engine socket, the settings it gets), without a container engine.
 - The stack itself, built and run like tests/test_containers.py (root, podman, a debootstrapped
-  Debian base, the air-gapped override; its helpers and image cache are reused), plus:
+  Debian base, the air-gapped override; the same helpers and image cache), plus:
   Podman's Docker-compatible API (``podman system service``) on a private socket mounted into
   the autoscaler (profile ``autoscale``); ONE producer rate-limited to RATE_LIMIT batches/s,
   which starves the CPU trainer (the tiny preset eats 5-9 batches/s here); the trainer's
@@ -29,7 +29,9 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,18 +39,20 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.test_containers import (
+from tests.helpers import (
     BASE_IMAGE,
+    COMPOSE_ENV,
+    COMPOSE_FILES,
     PROJECT,
     REPO,
     Prometheus,
     Stack,
-    _load_yaml,
-    _run,
-    _torch_cpu_wheel,
+    compose_config,
     require_container_tools,
+    run_logged,
+    service_settings,
     stack_env,
-    stack_test,
+    torch_cpu_wheel,
 )
 
 MIN_PRODUCERS = 1
@@ -97,52 +101,64 @@ def _say(pytestconfig, message: str) -> None:
 # ------------------------------------------------------------------ static checks
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return _load_yaml(REPO / "docker-compose.yml")
+def autoscaler_settings(config: dict):
+    return service_settings(config, "autoscaler")
 
 
-def test_autoscaler_service(compose):
-    from shared.settings import Settings
-
-    services = compose["services"]
+def test_autoscaler_service():
+    config = compose_config(COMPOSE_ENV)
+    services = config["services"]
     autoscaler = services["autoscaler"]
-    assert autoscaler["profiles"] == ["autoscale"]
-    assert autoscaler["entrypoint"] == ["python", "-m", "services.autoscaler"]
-    # The producers' image, which carries the docker SDK for it.
+    # It starts only when its profile is asked for, which no other service shares.
+    others = {
+        p for name, s in services.items() if name != "autoscaler" for p in s.get("profiles", [])
+    }
+    assert autoscaler["profiles"] and not set(autoscaler["profiles"]) & others
+    # The producers' image, which carries the docker SDK for it, built the same way everywhere.
     assert autoscaler["image"] == services["producer"]["image"]
     dockerfile = (REPO / "deploy/docker/producer.Dockerfile").read_text()
     assert '".[autoscaler]"' in dockerfile
-    env = autoscaler["environment"]
-    assert env["PROMETHEUS_URL"] == "http://prometheus:9090"
-    assert env["COMPOSE_PROJECT"] == "${COMPOSE_PROJECT_NAME:-maskstream}"
-    assert env["PRODUCER_SERVICE"] == "producer"
-    assert env["AUTOSCALER_METRICS_PORT"] == "9300"
-    assert env["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
-    assert env["DOCKER_HOST"] == "unix:///var/run/docker.sock"
-    for name in AUTOSCALE:
-        assert f"${{{name}:-" in env[name], name
-    # Every variable but DOCKER_HOST (the SDK's) is a setting: no typo goes unnoticed.
-    unknown = {k for k in env if k.lower() not in Settings.model_fields} - {"DOCKER_HOST"}
-    assert not unknown
-    assert autoscaler["expose"] == ["9300"]
-    assert "ports" not in autoscaler
+    airgap = compose_config({**COMPOSE_ENV, "CORPUS_FILE": "/corpus.txt"}, REPO / COMPOSE_FILES[1])
+    for built in (config, airgap):
+        assert built["services"]["autoscaler"]["build"] == built["services"]["producer"]["build"]
+    # Its entrypoint starts the autoscaler (here with this interpreter for the image's python).
+    program, *args = autoscaler["entrypoint"]
+    assert program == "python"
+    started = subprocess.run(
+        [sys.executable, *args, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 0 and "autoscale_interval_s" in started.stdout, started.stderr
+    # Its settings, as compose passes them, name this project, a scalable service, the
+    # prometheus service on Prometheus's port and the engine socket it mounts.
+    settings = autoscaler_settings(config)
+    assert settings.compose_project == config["name"]
+    assert "replicas" in services[settings.producer_service]["deploy"]
+    url = urllib.parse.urlsplit(settings.prometheus_url)
+    assert url.hostname in services and url.port == 9090  # Prometheus's default listen port
+    assert not any(a.startswith("--web.listen-address") for a in services[url.hostname]["command"])
+    socket_path = autoscaler["environment"]["DOCKER_HOST"].removeprefix("unix://")
+    assert any(v.split(":")[1] == socket_path for v in autoscaler["volumes"])
     # The engine socket is root on the host: only the autoscaler mounts it (as root, see the
     # note in docker-compose.yml).
-    socket_mount = "${DOCKER_SOCKET:-/var/run/docker.sock}:/var/run/docker.sock"
-    assert autoscaler["volumes"] == [socket_mount]
     assert autoscaler["user"] == "root"
     for name, service in services.items():
         if name != "autoscaler":
             assert not any("docker.sock" in str(v) for v in service.get("volumes", [])), name
-    prometheus = _load_yaml(REPO / "deploy/prometheus/prometheus.yml")
-    (job,) = (j for j in prometheus["scrape_configs"] if j["job_name"] == "autoscaler")
-    assert job["dns_sd_configs"] == [
-        {"names": ["autoscaler"], "type": "A", "port": 9300, "refresh_interval": "5s"}
-    ]
-    # The air-gapped override builds it on the local base, like the producer.
-    airgap = _load_yaml(REPO / "deploy/compose/airgap.yml")["services"]
-    assert airgap["autoscaler"]["build"]["args"] == airgap["producer"]["build"]["args"]
+
+
+def test_the_knobs_this_test_turns_reach_the_autoscaler():
+    """Each AUTOSCALE variable, set in the compose environment to a value other than its
+    default, becomes that setting of the autoscaler."""
+    defaults = autoscaler_settings(compose_config(COMPOSE_ENV))
+    for name in AUTOSCALE:
+        default = getattr(defaults, name.lower())
+        if isinstance(default, str):  # a duration such as RATE_WINDOW's "1m"
+            value = "17s"
+        else:
+            value = str(default + 1 if isinstance(default, int) else default / 2)
+        settings = autoscaler_settings(compose_config({**COMPOSE_ENV, name: value}))
+        got = getattr(settings, name.lower())
+        assert got != default and got == type(default)(value), (name, got, value)
 
 
 # ------------------------------------------------------------------ the stack on podman
@@ -312,9 +328,9 @@ def rig(tmp_path_factory, pytestconfig) -> Iterator[Rig]:
     _say(pytestconfig, f"log: {log}")
 
     started = time.monotonic()
-    seconds = _run(["deploy/docker/debian-base.sh", BASE_IMAGE], env, log, timeout=900)
+    seconds = run_logged(["deploy/docker/debian-base.sh", BASE_IMAGE], env, log, timeout=900)
     _say(pytestconfig, f"Debian base image {BASE_IMAGE}: {seconds:.0f} s")
-    wheel = _torch_cpu_wheel()
+    wheel = torch_cpu_wheel()
     if wheel is not None:
         wheels = REPO / "deploy/docker/wheels"
         if not (wheels / wheel.name).exists():
@@ -364,7 +380,7 @@ def rig(tmp_path_factory, pytestconfig) -> Iterator[Rig]:
         assert not stack.containers(), "containers left behind"
 
 
-@stack_test
+@pytest.mark.container
 @pytest.mark.slow
 def test_autoscaler_feeds_a_starved_trainer_then_scales_back(rig: Rig):
     stack, prom, say = rig.stack, rig.prom, lambda m: _say(rig.pytestconfig, m)

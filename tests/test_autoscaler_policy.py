@@ -1,5 +1,6 @@
 """The autoscaler policy (services/autoscaler/policy.py): every reason, properties under
-arbitrary and closed-loop signals, and the simulation of benchmarks/bench_autoscaler.py."""
+arbitrary and closed-loop signals, and the simulation (services/autoscaler/simulation.py)
+that benchmarks/bench_autoscaler.py reports."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import random
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.bench_autoscaler import Change, SimParams, flapped, run_all
 from services.autoscaler.policy import (
     ABOVE_MAX,
     AT_MAX,
@@ -31,6 +31,7 @@ from services.autoscaler.policy import (
     Signals,
     decide,
 )
+from services.autoscaler.simulation import Change, SimParams, flapped, run_all
 
 CONFIG = PolicyConfig()  # min 1, max 8, cooldown 30 s, headroom 1.2, confirm 2
 BACKLOG = 256
@@ -185,18 +186,29 @@ def test_bounds_are_enforced_at_once_whatever_the_signals_and_cooldown():
     assert high.state == PolicyState(last_change_s=100)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=ZeroDivisionError,
+    reason="policy.decide: produced_per_s / producers underflows to 0.0 for a subnormal rate, "
+    "then divides by it; remove this mark with the fix",
+)
+@pytest.mark.parametrize("case", ["starving", "idle"])
+def test_a_vanishing_producer_rate_is_no_crash(case):
+    tiny = 1e-323  # a subnormal float: one of 10 producers' share of it is 0.0
+    if case == "starving":
+        s = signals(producers=10, wait=0.5, consumed=900, produced=tiny, queue=0, backpressure=0)
+    else:
+        s = signals(producers=10, consumed=900, produced=tiny, queue=BACKLOG, backpressure=0.6)
+    decision = decide(s, replace(CONFIG, max_producers=16, confirm=1), PolicyState())
+    assert CONFIG.min_producers <= decision.desired <= 16
+
+
 def test_confirmation_needs_consecutive_observations():
     config = replace(CONFIG, confirm=3)
     broken = [starving(0, 2, 450), starving(5, 2, 450), signals(10, 2), starving(15, 2, 450)]
     assert [d.reason for d in run(broken, config)] == [CONFIRMING, CONFIRMING, HOLD, CONFIRMING]
     steady = [starving(t, 2, 450) for t in (0, 5, 10)]
     assert [d.reason for d in run(steady, config)] == [CONFIRMING, CONFIRMING, STARVING]
-
-
-def test_reasons_are_a_fixed_set_of_metric_labels():
-    assert len(set(REASONS)) == len(REASONS) == 10
-    assert set(CHANGES) <= set(REASONS)
-    assert all(r.isidentifier() and r == r.lower() for r in REASONS)
 
 
 @pytest.mark.parametrize(
@@ -268,6 +280,39 @@ states = st.builds(
 
 def _known(x) -> bool:
     return x is not None and math.isfinite(x)
+
+
+@st.composite
+def measured_signals(draw) -> Signals:
+    """Signals as a running stack gives them: a few producers around a small bound, values in
+    range and sometimes not measured yet (NaN), so that every branch of the policy is likely.
+    No subnormal rates: see test_a_vanishing_producer_rate_is_no_crash."""
+    backlog = draw(st.integers(1, 64))
+    rate = st.floats(0, 1000, allow_subnormal=False)
+    return Signals(
+        time_s=draw(st.floats(0, 200)),
+        producers=draw(st.integers(0, 10)),
+        data_wait_share=draw(st.floats(0, 1) | st.just(math.nan)),
+        consumed_per_s=draw(rate),
+        produced_per_s=draw(rate),
+        queue_length=draw(st.integers(0, backlog)),
+        max_backlog=backlog,
+        backpressure_share=draw(st.floats(0, 1)),
+    )
+
+
+def test_every_reason_is_returned_for_some_input():
+    """The reasons are the ``reason`` label of the autoscaler's metrics: a search over
+    signals, configurations and states finds an input for each one, so none is a dead label
+    (and the property below shows that no other is ever returned)."""
+    search = settings(
+        max_examples=5000, database=None, derandomize=True, deadline=None, phases=[Phase.generate]
+    )
+    inputs = st.tuples(measured_signals(), configs(), states)
+    for reason in REASONS:
+        s, config, state = find(inputs, lambda x, r=reason: decide(*x).reason == r, settings=search)
+        assert decide(s, config, state).reason == reason
+        assert reason.isidentifier() and reason == reason.lower()  # a plain label value
 
 
 @PROPERTY

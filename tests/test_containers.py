@@ -2,9 +2,13 @@
 
 Two kinds of tests:
 
-- Static checks of docker-compose.yml, the Dockerfiles and .dockerignore: what the stack
-  promises (password, memory bound, scalable producers, GPU reservation, ...). They need
-  PyYAML only, which ``make test-containers`` installs with podman-compose.
+- Checks of docker-compose.yml, the Dockerfiles and .dockerignore without a container engine,
+  on the compose file as compose reads it (variables substituted, tests/helpers.py): the Redis
+  service's own entrypoint and command run against a real redis-server (password, memory bound,
+  healthcheck); every service's environment loads as settings, and those agree where they must
+  (one preset, ports, streams); scaled services have no fixed name or host port; every file a
+  Dockerfile copies is in the build context. They run in the plain ``make test`` (redis-server
+  and redis-cli needed, as for the other tests).
 - The stack itself, on podman, as root, with no container registry: a Debian base made by
   debootstrap and imported (deploy/docker/debian-base.sh), the project's images built on it,
   Redis, the exporter and Prometheus from Debian's packages (deploy/compose/airgap.yml;
@@ -18,98 +22,249 @@ Two kinds of tests:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import resource
-import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
-import yaml
+import redis
 
-REPO = Path(__file__).resolve().parents[1]
-COMPOSE_FILES = ["docker-compose.yml", "deploy/compose/airgap.yml"]
-PROJECT = "maskstream-ci"
-BASE_IMAGE = "localhost/maskstream-debian:bookworm"
-STREAMS = "maskstream:train,maskstream:val,maskstream:dead"
+from shared.redis_server import free_port
+from shared.settings import Settings
+from shared.streams import StreamKeys
+from tests.helpers import (
+    BASE_IMAGE,
+    COMPOSE_ENV,
+    COMPOSE_FILES,
+    REPO,
+    ComposeError,
+    Prometheus,
+    Stack,
+    compose_config,
+    load_yaml,
+    newest_redis_binary,
+    require_container_tools,
+    run_logged,
+    service_settings,
+    stack_env,
+    torch_cpu_wheel,
+    wait_until,
+)
 
-# Collected only by `make test-containers` (tests/conftest.py deselects them elsewhere).
-stack_test = pytest.mark.container
-
-
-def _load_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
+# The services that run this project's code, configured through their environment.
+OUR_SERVICES = ("producer", "trainer", "trainer-cpu", "autoscaler")
+# Environment variables read by something other than the settings: the trainer image's
+# entrypoint (deploy/docker/trainer-entrypoint.sh) and the docker SDK.
+NOT_SETTINGS = {"NPROC_PER_NODE", "DOCKER_HOST"}
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return _load_yaml(REPO / "docker-compose.yml")
+    return compose_config(COMPOSE_ENV)
 
 
-# ------------------------------------------------------------------ static checks
+def mounts(service: dict) -> dict[str, str]:
+    """Container path -> source (a named volume, or a path relative to the repository)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        found[target] = source
+    return found
 
 
-def test_redis_requires_a_password_and_bounds_memory(compose):
-    redis = compose["services"]["redis"]
-    assert "${REDIS_PASSWORD:?" in redis["environment"]["REDIS_PASSWORD"]
-    script = " ".join(redis["entrypoint"])
-    assert "requirepass $$REDIS_PASSWORD" in script
-    command = redis["command"]
-    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
-    assert re.fullmatch(r"\$\{REDIS_MAXMEMORY:-\d+mb\}", command[command.index("--maxmemory") + 1])
-    # `redis-cli ping` exits 0 on NOAUTH: the check must authenticate and look for PONG.
-    check = " ".join(redis["healthcheck"]["test"])
-    assert "REDISCLI_AUTH" in check
-    assert "PONG" in check
+def host_path(service: dict, container_path: str) -> Path | None:
+    """Where a container path of ``service`` lies in the repository, through its bind mounts."""
+    path = PurePosixPath(container_path)
+    for target, source in mounts(service).items():
+        if source.startswith("./") and path.is_relative_to(target):
+            return REPO / source / path.relative_to(target)
+    return None
 
 
-def test_producers_scale(compose):
-    producer = compose["services"]["producer"]
-    assert "container_name" not in producer
-    assert "ports" not in producer
-    assert producer["expose"] == ["9100"]
-    assert producer["deploy"]["mode"] == "replicated"
-    assert "PRODUCER_REPLICAS" in str(producer["deploy"]["replicas"])
-    assert producer["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+# ------------------------------------------------------------------ compose file checks
+
+
+def test_every_redis_client_gets_the_password_and_compose_refuses_none(compose):
+    services = compose["services"]
+    clients = {
+        name
+        for name, service in services.items()
+        if "redis://redis:" in json.dumps(service.get("environment", {}))
+        or "redis://redis:" in json.dumps(service.get("command", []))
+    }
+    assert {"producer", "trainer", "trainer-cpu", "autoscaler", "redis-exporter"} <= clients
+    for name in [*clients, "redis"]:
+        assert (
+            services[name]["environment"].get("REDIS_PASSWORD") == COMPOSE_ENV["REDIS_PASSWORD"]
+        ), name
+    for env in ({}, {"REDIS_PASSWORD": ""}):
+        with pytest.raises(ComposeError, match="REDIS_PASSWORD"):
+            compose_config(env)
+
+
+def test_redis_as_composed_wants_the_password_bounds_memory_and_never_evicts(tmp_path):
+    """The redis service's entrypoint and command, as compose passes them, run a real
+    redis-server: no answer without the password, writes refused (not keys evicted) at
+    REDIS_MAXMEMORY, and a healthcheck that passes only with the right password."""
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None:
+        pytest.fail("redis-cli not found: apt-get install redis-tools (redis-server brings it)")
+    service = compose_config({**COMPOSE_ENV, "REDIS_MAXMEMORY": "4mb"})["services"]["redis"]
+    port = free_port()
+    # The image's redis-server and redis-cli, the latter aimed at this server's port.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "redis-server").symlink_to(newest_redis_binary())
+    (bin_dir / "redis-cli").write_text(f'#!/bin/sh\nexec {redis_cli} -p {port} "$@"\n')
+    (bin_dir / "redis-cli").chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **service["environment"]}
+    local = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    with (tmp_path / "redis.log").open("w") as log:
+        proc = subprocess.Popen(
+            [*service["entrypoint"], *service["command"], *local],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        client = redis.Redis(port=port, password=COMPOSE_ENV["REDIS_PASSWORD"])
+
+        def answers() -> bool:
+            assert proc.poll() is None, (tmp_path / "redis.log").read_text()
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                return False
+
+        wait_until(answers, 20, "the composed redis-server")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as anonymous:
+            anonymous.sendall(b"PING\r\n")
+            assert anonymous.recv(200).startswith(b"-NOAUTH")
+
+        def healthcheck(password: str) -> int:
+            kind, command = service["healthcheck"]["test"]
+            assert kind == "CMD-SHELL"
+            check_env = {**env, "REDIS_PASSWORD": password}
+            return subprocess.run(
+                ["sh", "-c", command], env=check_env, capture_output=True, timeout=30
+            ).returncode
+
+        assert healthcheck(COMPOSE_ENV["REDIS_PASSWORD"]) == 0
+        assert healthcheck("wrong") != 0
+
+        value = b"x" * 64 * 1024
+        written = 0
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            for written in range(1000):
+                client.set(f"k{written}", value)
+        assert 20 < written < 64  # 4 MB of 64 kB values, less Redis's own megabyte or so
+        assert client.dbsize() == written  # every earlier key is still there
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_scaled_services_have_no_fixed_name_or_host_port():
+    """Replicas of one service cannot share a container name or a host port."""
+    config = compose_config({**COMPOSE_ENV, "PRODUCER_REPLICAS": "3"})
+    services = config["services"]
+    scaled = {name for name, s in services.items() if "replicas" in s.get("deploy", {})}
+    scaled.add(service_settings(config, "autoscaler").producer_service)
+    assert "producer" in scaled
+    for name in scaled:
+        assert "container_name" not in services[name], name
+        assert "ports" not in services[name], name
+    assert int(services["producer"]["deploy"]["replicas"]) == 3  # PRODUCER_REPLICAS counts
+
+
+def test_every_service_loads_its_environment_as_settings_that_agree(compose):
+    """Each of our services accepts the environment compose gives it (no unknown variable,
+    no invalid value), serves metrics on the port it exposes, and producers and trainers
+    share what makes the data contract and the queue (a mismatch: exit 3, or a bound that
+    nobody enforces), on the redis service's port."""
+    services = compose["services"]
+    settings = {name: service_settings(compose, name) for name in OUR_SERVICES}
+    for name in OUR_SERVICES:
+        unknown = {
+            key
+            for key in services[name]["environment"]
+            if key.lower() not in Settings.model_fields and key not in NOT_SETTINGS
+        }
+        assert not unknown, f"{name}: {sorted(unknown)} are no settings"
+    metrics_port = {
+        "producer": settings["producer"].metrics_port,
+        "trainer": settings["trainer"].trainer_metrics_port,
+        "trainer-cpu": settings["trainer-cpu"].trainer_metrics_port,
+        "autoscaler": settings["autoscaler"].autoscaler_metrics_port,
+    }
+    for name, port in metrics_port.items():
+        assert [str(port)] == [str(p) for p in services[name]["expose"]], name
+    shared = ("preset", "namespace", "redis_url", "batch_size", "block_size", "max_backlog")
+    for field in shared:
+        values = {name: getattr(s, field) for name, s in settings.items()}
+        assert len(set(values.values())) == 1, f"{field} differs: {values}"
+    url = settings["producer"].redis_url
+    assert url.startswith("redis://redis:6379/")  # the service name, Redis's own port
+    assert "--port" not in services["redis"]["command"]
+    assert settings["autoscaler"].compose_project == compose["name"]  # its own project
 
 
 def test_trainers(compose):
     services = compose["services"]
     gpu, cpu = services["trainer"], services["trainer-cpu"]
-    assert gpu["profiles"] == ["gpu"]
-    assert cpu["profiles"] == ["cpu"]
+    # Each runs only when its profile is asked for, never both for one profile.
+    assert gpu["profiles"] and cpu["profiles"]
+    assert not set(gpu["profiles"]) & set(cpu["profiles"])
+    assert service_settings(compose, "trainer").device == "cuda"
+    assert service_settings(compose, "trainer-cpu").device == "cpu"
+    # One process per visible GPU (torchrun's "gpu"), and every GPU is made visible.
+    assert gpu["environment"]["NPROC_PER_NODE"] == "gpu"
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    assert device["count"] == "all" and "gpu" in device["capabilities"]
+    # NCCL exchanges tensors through /dev/shm: the 64 MB default is far too small.
     assert gpu.get("ipc") == "host" or "shm_size" in gpu
-    assert "NPROC_PER_NODE:-gpu" in gpu["environment"]["NPROC_PER_NODE"]
-    assert cpu["environment"]["DEVICE"] == "cpu"
-    for trainer in (gpu, cpu):
-        assert trainer["expose"] == ["9200"]
-        assert trainer["environment"]["TRAINER_METRICS_PORT"] == "9200"
-        assert "checkpoints:/runs" in trainer["volumes"]
+    # Checkpoints outlive the container: a restart resumes from OUT_DIR/ckpt.pt.
+    for name in ("trainer", "trainer-cpu"):
+        out_dir = PurePosixPath(service_settings(compose, name).out_dir)
+        volumes = {t for t, s in mounts(services[name]).items() if s in compose["volumes"]}
+        assert any(out_dir.is_relative_to(target) for target in volumes), (name, out_dir)
 
 
 def test_monitoring_services(compose):
     services = compose["services"]
+    # The exporter watches exactly the streams the pipeline writes, on the redis service.
     exporter = services["redis-exporter"]
-    assert exporter["image"].startswith("oliver006/redis_exporter:")
-    assert f"--check-single-streams={STREAMS}" in exporter["command"]
-    assert "REDIS_PASSWORD" in exporter["environment"]
-    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in exporter["command"])
+    keys = StreamKeys(service_settings(compose, "producer").namespace)
+    assert set(flags["check-single-streams"].split(",")) == {keys.train, keys.val, keys.dead}
+    assert flags["redis.addr"] == "redis://redis:6379"
+    # Prometheus and Grafana read their files from the repository through their mounts.
+    prometheus = services["prometheus"]
+    config_flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config = host_path(prometheus, config_flag.split("=", 1)[1])
+    assert config == REPO / "deploy/prometheus/prometheus.yml" and config.is_file()
     grafana = services["grafana"]
-    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    provisioning = host_path(grafana, "/etc/grafana/provisioning")
+    assert provisioning is not None and (provisioning / "datasources").is_dir()
+    providers = load_yaml(provisioning / "dashboards" / "dashboards.yml")["providers"]
+    for provider in providers:
+        dashboards = host_path(grafana, provider["options"]["path"])
+        assert dashboards is not None and sorted(dashboards.glob("*.json")), provider
+    home = host_path(grafana, grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert home is not None and home.is_file()
+    # Anyone who reaches the port may look, not edit.
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
-    assert {"checkpoints", "corpus-cache"} <= set(compose["volumes"])
+    # Every named volume a service mounts is declared (compose refuses the file otherwise).
+    for name, service in services.items():
+        for source in mounts(service).values():
+            assert source.startswith(("./", "/", "$")) or source in compose["volumes"], name
     # Podman without systemd never runs healthchecks: nothing may wait for one.
     for name, service in services.items():
         depends = service.get("depends_on", [])
@@ -118,27 +273,87 @@ def test_monitoring_services(compose):
                 assert condition.get("condition") != "service_healthy", name
 
 
-def test_dockerfiles_are_non_root_with_base_and_wheel_arguments():
-    for name in ("producer", "trainer"):
-        text = (REPO / f"deploy/docker/{name}.Dockerfile").read_text()
-        assert re.search(r"^ARG BASE_IMAGE=", text, re.M), name
-        assert re.search(r"^ARG WHEEL_DIR=", text, re.M), name
+# ------------------------------------------------------------ Dockerfiles and context
+
+
+def _dockerfiles(compose: dict) -> dict[str, tuple[Path, dict]]:
+    """Service -> (its Dockerfile, the build args compose passes), for built services."""
+    return {
+        name: (REPO / service["build"]["dockerfile"], service["build"].get("args", {}))
+        for name, service in compose["services"].items()
+        if "build" in service
+    }
+
+
+def test_dockerfiles_are_non_root_and_declare_every_build_argument(compose):
+    airgap = compose_config({**COMPOSE_ENV, "CORPUS_FILE": "/corpus.txt"}, REPO / COMPOSE_FILES[1])
+    built = {
+        **_dockerfiles(compose),
+        **{f"{k} (airgap)": v for k, v in _dockerfiles(airgap).items()},
+    }
+    assert {"producer", "trainer", "trainer-cpu", "autoscaler"} <= set(built)
+    for name, (dockerfile, args) in built.items():
+        text = dockerfile.read_text()
+        declared = set(re.findall(r"^ARG (\w+)", text, re.M))
+        # An undeclared build argument is silently ignored.
+        assert set(args) <= declared, f"{name}: {sorted(set(args) - declared)} not ARGs"
         users = re.findall(r"^USER (\S+)", text, re.M)
-        assert users, name
-        assert users[-1] not in ("root", "0"), name
+        assert users and users[-1] not in ("root", "0"), name
     producer = (REPO / "deploy/docker/producer.Dockerfile").read_text()
     assert "torch" not in re.sub(r"#.*", "", producer)
 
 
-def test_dockerignore_keeps_the_context_small_but_the_wheels_in():
-    patterns = [
-        line.strip()
-        for line in (REPO / ".dockerignore").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    for needed in (".git", ".venv", "runs", "build"):
-        assert needed in patterns, needed
-    assert not any(p.startswith("deploy") for p in patterns)
+def _dockerignore() -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore as (negated, regex) rules; the last rule that matches wins."""
+    rules = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*")
+        regex = regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        rules.append((negated, re.compile(regex)))
+    return rules
+
+
+def _in_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Whether ``path`` (relative to the repository) is sent to the builder: a pattern that
+    matches a directory excludes everything below it."""
+    parts = PurePosixPath(path).parts
+    excluded = False
+    for negated, regex in rules:
+        if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            excluded = not negated
+    return not excluded
+
+
+def test_build_context_holds_what_the_dockerfiles_copy_and_not_the_bulk(compose):
+    rules = _dockerignore()
+    for name, (dockerfile, _) in _dockerfiles(compose).items():
+        text = dockerfile.read_text()
+        defaults = dict(re.findall(r"^ARG (\w+)=(\S*)", text, re.M))
+        for line in re.findall(r"^COPY (.+)$", text, re.M):
+            words = [w for w in line.split() if not w.startswith("--")]
+            if "--from=" in line:
+                continue
+            for source in words[:-1]:
+                source = re.sub(r"\$\{(\w+)\}", lambda m, d=defaults: d[m[1]], source)
+                assert (REPO / source).exists(), f"{name}: COPY {source}: no such file"
+                # Every committed file it copies: what .dockerignore drops, the image lacks.
+                tracked = subprocess.run(
+                    ["git", "ls-files", "--", source],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()
+                assert tracked, f"{name}: COPY {source}: nothing committed there"
+                ignored = [path for path in tracked if not _in_context(path, rules)]
+                assert not ignored, f"{name}: COPY {source}: {ignored} are in .dockerignore"
+    for bulk in (".git/HEAD", ".venv/bin/python", "runs/tiny/ckpt.pt", "tests/conftest.py"):
+        assert not _in_context(bulk, rules), bulk
 
 
 # ------------------------------------------------------------------ the stack on podman
@@ -151,180 +366,6 @@ def _say(pytestconfig, message: str) -> None:
         print(f"[containers] {message}", flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(args: list[str], env: dict[str, str], log: Path, timeout: float) -> float:
-    """Run a command with its output appended to ``log``; fail with its tail. Returns seconds."""
-    started = time.monotonic()
-    with log.open("a") as out:
-        out.write(f"\n$ {' '.join(args)}\n")
-        out.flush()
-        proc = subprocess.run(
-            args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
-        )
-    if proc.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-40:])
-        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{tail}")
-    return time.monotonic() - started
-
-
-def _containers_conf(path: Path) -> Path:
-    """deploy/docker/podman/containers.conf, its ulimits lowered to this host's hard limits
-    where those are lower (runc cannot raise them)."""
-    text = (REPO / "deploy/docker/podman/containers.conf").read_text()
-    for name, limit in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
-        hard = resource.getrlimit(limit)[1]
-        if hard != resource.RLIM_INFINITY:
-            text = re.sub(
-                rf"{name}=(\d+):(\d+)",
-                lambda m, h=hard, n=name: f"{n}={min(int(m[1]), h)}:{min(int(m[2]), h)}",
-                text,
-            )
-    path.write_text(text)
-    return path
-
-
-def _torch_cpu_wheel() -> Path | None:
-    """The torch CPU wheel in pip's find-links directories (pip config, PIP_FIND_LINKS)."""
-    dirs = os.environ.get("PIP_FIND_LINKS", "").split()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        listing = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "list"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        for line in listing.splitlines():
-            key, _, value = line.partition("=")
-            if key.endswith("find-links"):
-                dirs += value.strip("'\"").split()
-    for directory in dirs:
-        directory = directory.removeprefix("file://")
-        wheels = sorted(Path(directory).glob("torch-*+cpu-*.whl")) if directory else []
-        if wheels:
-            return wheels[-1]
-    return None
-
-
-def _corpus(tmp: Path) -> Path:
-    for candidate in (
-        REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
-        Path("~/.cache/maskstream/tinyshakespeare.txt").expanduser(),
-    ):
-        if candidate.is_file():
-            return candidate
-    path = tmp / "corpus.txt"  # offline and no copy around: any text will do
-    path.write_text(
-        "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(5000))
-    )
-    return path
-
-
-class Stack:
-    """The compose project on podman: podman-compose with this test's files and env."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        compose = Path(sys.executable).with_name("podman-compose")
-        self.compose = [
-            str(compose) if compose.exists() else "podman-compose",
-            "-p",
-            PROJECT,
-            *(arg for name in COMPOSE_FILES for arg in ("-f", name)),
-            "--profile",
-            "cpu",
-            "--podman-build-args=--network=host",
-        ]
-
-    def __call__(self, *args: str, timeout: float = 600) -> float:
-        return _run([*self.compose, *args], self.env, self.log, timeout)
-
-    def podman(self, *args: str, check: bool = True) -> str:
-        proc = subprocess.run(
-            ["podman", *args], env=self.env, capture_output=True, text=True, timeout=120
-        )
-        if check and proc.returncode:
-            pytest.fail(f"podman {' '.join(args)}: {proc.stderr.strip()}")
-        return proc.stdout
-
-    def containers(self, service: str | None = None) -> list[str]:
-        args = ["ps", "-a", "--format", "{{.Names}}"]
-        args += ["--filter", f"label=io.podman.compose.project={PROJECT}"]
-        if service:
-            args += ["--filter", f"label=io.podman.compose.service={service}"]
-        return sorted(self.podman(*args).split())
-
-    def logs(self) -> str:
-        parts = []
-        for name in self.containers():
-            out = subprocess.run(
-                ["podman", "logs", "--tail", "15", name],
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            parts.append(f"--- {name}\n{out.stdout}{out.stderr}")
-        return "\n".join(parts)
-
-    def remove(self) -> None:
-        """Everything of the project, scaled replicas included (podman-compose's down only
-        knows the file's replica count). Producers and trainers stop first, while Redis is
-        still there to finish their sends and acks."""
-        for service in ("producer", "trainer-cpu"):
-            names = self.containers(service)
-            if names:
-                self.podman("stop", "-t", "60", *names, check=False)
-        with contextlib.suppress(Exception):
-            self("down", "-v", "--remove-orphans", "-t", "20", timeout=300)
-        left = self.containers()
-        if left:
-            self.podman("rm", "-f", "-t", "5", *left, check=False)
-            with contextlib.suppress(Exception):
-                self("down", "-v", "--remove-orphans", timeout=300)
-        for kind in ("volume", "network"):
-            names = self.podman(
-                kind, "ls", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}"
-            )
-            if names.split():
-                self.podman(kind, "rm", "-f", *names.split(), check=False)
-
-
-def require_container_tools() -> None:
-    """Fail, with what to install, where the container tests cannot run."""
-    if os.geteuid() != 0:
-        pytest.fail("the container test runs as root (debootstrap, rootful podman)")
-    missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
-    if missing:
-        pytest.fail(f"missing {missing}: apt-get install podman runc debootstrap (see .ci/run)")
-
-
-def stack_env(tmp: Path, producers: int, **extra: str) -> dict[str, str]:
-    """The environment of a compose run under test: private ports, a fresh Redis
-    password, the local Debian base, the corpus file, ``producers`` replicas."""
-    env = dict(os.environ)
-    env.update(
-        CONTAINERS_CONF=str(_containers_conf(tmp / "containers.conf")),
-        REDIS_PASSWORD=secrets.token_hex(16),
-        CORPUS_FILE=str(_corpus(tmp)),
-        DEBIAN_BASE_IMAGE=BASE_IMAGE,
-        PRESET="tiny",
-        PRODUCER_REPLICAS=str(producers),
-        BIND_ADDRESS="127.0.0.1",
-        PROMETHEUS_PORT=str(_free_port()),
-        REDIS_PORT=str(_free_port()),
-        GRAFANA_PORT=str(_free_port()),
-        **extra,
-    )
-    env.pop("COMPOSE_PROFILES", None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
     require_container_tools()
@@ -334,9 +375,9 @@ def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
     stack = Stack(env, log)
     _say(pytestconfig, f"log: {log}")
 
-    seconds = _run(["deploy/docker/debian-base.sh", BASE_IMAGE], env, log, timeout=900)
+    seconds = run_logged(["deploy/docker/debian-base.sh", BASE_IMAGE], env, log, timeout=900)
     _say(pytestconfig, f"Debian base image {BASE_IMAGE}: {seconds:.0f} s")
-    wheel = _torch_cpu_wheel()
+    wheel = torch_cpu_wheel()
     if wheel is not None:
         wheels = REPO / "deploy/docker/wheels"
         if not (wheels / wheel.name).exists():
@@ -359,31 +400,6 @@ def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
         assert not stack.containers(), "containers left behind"
 
 
-class Prometheus:
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}/api/v1"
-
-    def _get(self, path: str, **params: str) -> dict:
-        url = f"{self.base}/{path}?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return json.load(response)["data"]
-        except (OSError, ValueError):
-            return {}
-
-    def targets(self, job: str) -> dict[str, str]:
-        """instance -> health of the job's active targets."""
-        return {
-            t["labels"]["instance"]: t["health"]
-            for t in self._get("targets", state="active").get("activeTargets", [])
-            if t["labels"].get("job") == job
-        }
-
-    def value(self, query: str) -> float | None:
-        result = self._get("query", query=query).get("result", [])
-        return float(result[0]["value"][1]) if result else None
-
-
 def _wait(condition: Callable[[], object], timeout: float, what: str, stack: Stack):
     deadline = time.monotonic() + timeout
     while True:
@@ -395,7 +411,7 @@ def _wait(condition: Callable[[], object], timeout: float, what: str, stack: Sta
         time.sleep(2)
 
 
-@stack_test
+@pytest.mark.container
 @pytest.mark.slow
 def test_stack_scales_producers_and_trains(stack: Stack, pytestconfig):
     prom = Prometheus(int(stack.env["PROMETHEUS_PORT"]))
@@ -461,7 +477,7 @@ LINUX_TAGS = [f"manylinux_2_{minor}_x86_64" for minor in range(28, 4, -1)] + [
 ]
 
 
-@stack_test
+@pytest.mark.container
 @pytest.mark.slow
 def test_cuda_trainer_requirement_resolves(tmp_path, pytestconfig):
     """The CUDA trainer image's torch, as its Dockerfile asks for it, resolves on PyPI for

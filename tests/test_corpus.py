@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from shared.corpus import CharTokenizer, CorpusError, download_corpus, load_corpus
-from tests.conftest import SHAKESPEARE_SHA256
+from tests.helpers import SHAKESPEARE_SHA256
 
 
 class _Server:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import urllib.parse
 
 import pytest
 import yaml
 
 from tests import promql
+from tests.helpers import COMPOSE_ENV, compose_config
 
 GRAFANA_DIR = promql.ROOT / "deploy" / "grafana"
 UIDS = {"pipeline.json": "maskstream-pipeline", "training.json": "maskstream-training"}
@@ -26,24 +28,40 @@ def test_the_two_dashboards_with_stable_uids():
     assert {name: board["uid"] for name, board in BOARDS.items()} == UIDS
 
 
-def test_datasource_provisioning():
+def test_datasource_provisioning_reaches_the_stacks_prometheus():
+    """The provisioned datasource is the stack's Prometheus (the compose service, on the port
+    it listens on), the one the dashboards' datasource variable picks by default, and it
+    knows the scrape interval that $__rate_interval is derived from."""
     config = yaml.safe_load(
         (GRAFANA_DIR / "provisioning" / "datasources" / "datasource.yml").read_text()
     )
     (source,) = config["datasources"]
-    assert source["type"] == "prometheus"
-    assert source["uid"] == "prometheus"
-    assert source["url"] == "http://prometheus:9090"
-    assert source["isDefault"] is True
+    url = urllib.parse.urlsplit(source["url"])
+    services = compose_config(COMPOSE_ENV)["services"]
+    prometheus = services[url.hostname]  # the service that runs deploy/prometheus's config
+    assert any(v.startswith("./deploy/prometheus:") for v in prometheus["volumes"])
+    assert url.port == 9090  # Prometheus's default listen port; the service sets no other
+    assert not any("web.listen-address" in arg for arg in prometheus["command"])
+    for board in BOARDS.values():
+        variable = next(v for v in board["templating"]["list"] if v["name"] == "datasource")
+        assert variable["query"] == source["type"]
+    assert source["isDefault"] is True  # the variable's default: the default datasource
+    scrape = yaml.safe_load((promql.ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert source["jsonData"]["timeInterval"] == scrape["global"]["scrape_interval"]
 
 
-def test_dashboard_provisioning():
+def test_dashboard_provisioning_reads_the_mounted_dashboards():
     config = yaml.safe_load(
         (GRAFANA_DIR / "provisioning" / "dashboards" / "dashboards.yml").read_text()
     )
     (provider,) = config["providers"]
     assert provider["type"] == "file"
-    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    grafana = compose_config(COMPOSE_ENV)["services"]["grafana"]
+    mounted = {
+        target: source
+        for source, target, *_ in (volume.split(":") for volume in grafana["volumes"])
+    }
+    assert mounted[provider["options"]["path"]] == "./deploy/grafana/dashboards"
 
 
 @pytest.mark.parametrize("name", sorted(UIDS))

@@ -16,7 +16,7 @@ from shared.codec import decode
 from shared.contract import schema_of
 from shared.settings import load_settings
 from shared.streams import PAYLOAD_FIELD, StreamKeys
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 KEYS = StreamKeys("maskstream")
 

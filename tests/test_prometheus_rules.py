@@ -1,6 +1,8 @@
 """Prometheus configuration, recording rules and alerts, checked offline with
 promtool (Debian/Ubuntu: apt-get install prometheus), and the rule files'
-conventions: names, labels, annotations, a promtool test for every rule."""
+conventions: names, labels, annotations, a promtool test for every rule. The
+scrape jobs are checked against the compose file: every service that serves
+metrics is scraped where it listens."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import pytest
 import yaml
 
 from tests import promql
+from tests.helpers import COMPOSE_ENV, compose_config, service_settings
 
 PROM_DIR = promql.ROOT / "deploy" / "prometheus"
 RULE_FILES = sorted(promql.RULES_DIR.glob("*.yml"))
 TEST_FILES = sorted((PROM_DIR / "tests").glob("*.yml"))
+CONFIG = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
 SEVERITIES = {"critical", "warning", "info"}
 # level:metric:operations, `_total` dropped after rate()
 RECORD_NAME = re.compile(r"^[a-z_]+:[a-z0-9_]+:[a-z0-9_]+$")
@@ -38,10 +42,14 @@ def promtool(*args: str, cwd: Path = PROM_DIR) -> str:
     return result.stdout
 
 
-def test_files_exist():
-    assert (PROM_DIR / "prometheus.yml").is_file()
-    assert [p.name for p in RULE_FILES] == ["alerts.yml", "recording.yml"]
-    assert TEST_FILES, "no promtool test files in deploy/prometheus/tests/"
+def test_every_rule_file_is_loaded_by_a_promtool_test():
+    assert RULE_FILES and TEST_FILES, "no rule files, or no promtool tests for them"
+    loaded = {
+        (path.parent / name).resolve()
+        for path in TEST_FILES
+        for name in yaml.safe_load(path.read_text())["rule_files"]
+    }
+    assert {p.resolve() for p in RULE_FILES} <= loaded
 
 
 def test_promtool_check_config():
@@ -58,21 +66,55 @@ def test_promtool_test_rules():
     promtool("test", "rules", *(str(p.relative_to(PROM_DIR)) for p in TEST_FILES))
 
 
-def test_scrape_jobs():
-    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    assert config["global"]["scrape_interval"] == "5s"
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"producer", "trainer", "autoscaler", "redis", "prometheus"}
-    for name, names, port in (
-        ("producer", ["producer"], 9100),
-        ("trainer", ["trainer", "trainer-cpu"], 9200),
-        # optional: no autoscaler service, no A record, no target (and no TargetDown)
-        ("autoscaler", ["autoscaler"], 9300),
-    ):
-        (sd,) = jobs[name]["dns_sd_configs"]
-        # dns_sd_configs defaults to SRV records, which compose DNS does not serve
-        assert (sd["names"], sd["type"], sd["port"]) == (names, "A", port)
-    assert jobs["redis"]["static_configs"] == [{"targets": ["redis-exporter:9121"]}]
+def test_prometheus_scrapes_every_service_on_the_port_it_serves():
+    """Each compose service that serves metrics is a target of a scrape job, on the port its
+    process listens on (our services: their settings, as compose passes them), and every
+    name the jobs look up is a compose service."""
+    compose = compose_config(COMPOSE_ENV)
+    services = compose["services"]
+    for name in ("redis-exporter", "prometheus"):  # both listen on their default port
+        assert not any("web.listen-address" in arg for arg in services[name]["command"]), name
+    serves = {
+        "producer": service_settings(compose, "producer").metrics_port,
+        "trainer": service_settings(compose, "trainer").trainer_metrics_port,
+        "trainer-cpu": service_settings(compose, "trainer-cpu").trainer_metrics_port,
+        "autoscaler": service_settings(compose, "autoscaler").autoscaler_metrics_port,
+        "redis-exporter": 9121,  # redis_exporter's default listen port
+        "prometheus": 9090,  # Prometheus's default listen port
+    }
+    for name, port in serves.items():
+        if "expose" in services[name]:
+            assert str(port) in map(str, services[name]["expose"]), name
+
+    scraped: dict[str, int] = {}
+    for job in CONFIG["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            # dns_sd_configs defaults to SRV records, which compose DNS does not serve
+            assert sd.get("type") == "A" and "port" in sd, job["job_name"]
+            scraped.update(dict.fromkeys(sd["names"], sd["port"]))
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                scraped["prometheus" if host == "localhost" else host] = int(port)
+    assert scraped == serves
+
+
+def test_every_range_spans_several_scrapes():
+    """rate() needs two samples in its range, and a missed scrape should not empty it:
+    every range a rule or panel uses covers at least 4 scrape intervals."""
+    interval = _seconds(CONFIG["global"]["scrape_interval"])
+    queries = promql.all_queries() + promql.alert_queries()
+    ranges = {
+        (where, r) for where, expr in queries for r in re.findall(r"\[(\d+[smhdw])[:\]]", expr)
+    }
+    assert ranges, "no range selectors found"
+    short = sorted((where, r) for where, r in ranges if _seconds(r) < 4 * interval)
+    assert not short, f"ranges under 4 x {interval:g} s: {short}"
+
+
+def _seconds(duration: str) -> float:
+    value, unit = int(duration[:-1]), duration[-1]
+    return value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
 
 
 def test_rule_conventions():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import redis
 
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 

