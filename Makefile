@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch for tests and the local demo; see README "GPU install".
+# The CPU build of torch for tests and the local demo; see docs/training.md, "On a GPU".
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 

@@ -12,17 +12,12 @@ from pathlib import Path
 import pytest
 
 from shared.redis_server import RedisServer
-
-# SMALL_RECIPE and wait_until are only re-exported, for tests/test_trainer.py until it imports
-# them from tests.helpers like the other modules (hence the noqa).
-from tests.helpers import (  # noqa: F401
+from tests.helpers import (
     REPO,
     SHAKESPEARE_SHA256,
-    SMALL_RECIPE,
     ProducerProcess,
     newest_redis_binary,
     redis_binaries,
-    wait_until,
 )
 
 CONTAINER_TESTS = os.environ.get("MASKSTREAM_CONTAINER_TEST") == "1"

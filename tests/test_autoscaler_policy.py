@@ -186,12 +186,6 @@ def test_bounds_are_enforced_at_once_whatever_the_signals_and_cooldown():
     assert high.state == PolicyState(last_change_s=100)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="policy.decide: produced_per_s / producers underflows to 0.0 for a subnormal rate, "
-    "then divides by it; remove this mark with the fix",
-)
 @pytest.mark.parametrize("case", ["starving", "idle"])
 def test_a_vanishing_producer_rate_is_no_crash(case):
     tiny = 1e-323  # a subnormal float: one of 10 producers' share of it is 0.0

@@ -23,6 +23,7 @@ from shared.streams import (
     read_new,
     reclaim,
 )
+from shared.validation import EntryValidator
 
 KEYS = StreamKeys("t")
 SCHEMA = {"input": TensorSpec("uint8", (2, 8)), "labels": TensorSpec("uint8", (2, 8))}
@@ -35,15 +36,20 @@ def message(seq: int, fp: str = FP, shape=(2, 8)) -> bytes:
     return encode(Batch(fp, "train", 0, 0, seq, tensors))
 
 
+META = {
+    **CONTRACT,
+    "fingerprint": FP,
+    "stages": {"train": [{"type": "random"}], "val": [{"type": "random"}]},
+}
+
+
 def group_reader(client, consumer: str) -> BatchReader:
     return BatchReader(
         client,
         KEYS,
         "g",
         consumer,
-        fingerprint=FP,
-        schema=SCHEMA,
-        max_bytes=4096,
+        validator=EntryValidator(META, "train", max_bytes=4096),
         dead_letter_maxlen=100,
     )
 
@@ -176,15 +182,19 @@ def test_reader_dead_letters_what_it_cannot_train_on(redis_server):
     dead = client.xrange(KEYS.dead)
     reasons = [fields[b"reason"].decode() for _, fields in dead]
     assert reasons == [
-        "truncated",
-        "foreign_fingerprint",
         "malformed",
+        "foreign_fingerprint",
+        "bad_entry_fields",
         "schema_mismatch",
         "oversized",
     ]
-    assert dead[0][1][b"field:d"] == message(5)[:20]  # the payload is kept for inspection
+    # A bounded record: the payload's head, length and hash, never all of it.
+    assert dead[0][1][b"payload_head"] == message(5)[:20]
+    assert dead[0][1][b"payload_bytes"] == b"20"
     assert dead[0][1][b"source"] == KEYS.train.encode()
-    assert reader.dead_letters["truncated"] == 1
+    assert dead[4][1][b"payload_bytes"] == b"5000"
+    assert len(dead[4][1][b"payload_head"]) == 4096
+    assert reader.dead_letters["malformed"] == 1
     # Dead-lettered entries are acked and gone; only the good one is pending.
     assert pending_count(client, KEYS.train, "g") == 1
     assert client.xlen(KEYS.train) == 1

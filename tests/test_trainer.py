@@ -25,7 +25,7 @@ from services.trainer.train import Dist, Trainer, learning_rate, wait_for_contra
 from shared.codec import Batch, decode, encode
 from shared.settings import TrainerConfig, load_settings
 from shared.streams import PAYLOAD_FIELD, StreamKeys, connect
-from tests.conftest import REPO, SMALL_RECIPE, wait_until
+from tests.helpers import REPO, SMALL_RECIPE, wait_until
 
 pytestmark = pytest.mark.slow
 

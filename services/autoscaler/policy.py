@@ -3,7 +3,7 @@
 The policy is a pure function, :func:`decide`, with no clock, no I/O and no Docker: the caller
 measures the signals (Prometheus rates over a window), passes the state returned by the previous
 decision, and applies ``Decision.desired`` itself. That keeps it testable and lets
-``benchmarks/bench_autoscaler.py`` simulate it.
+``services/autoscaler/simulation.py`` simulate it (tests and ``make bench-autoscaler``).
 
 Rules, in order:
 
@@ -217,7 +217,8 @@ def decide(signals: Signals, config: PolicyConfig, state: PolicyState) -> Decisi
         if state.up_streak < config.confirm:
             return Decision(n, CONFIRMING, state)
         demand = consumed / max(1.0 - wait, SHARE_FLOOR)
-        rate = produced / n if n > 0 and produced > 0 else math.nan
+        rate = produced / n if n > 0 else 0.0
+        rate = rate if rate > 0 else math.nan  # none, or so small it underflowed to 0.0
         top = config.max_producers
         target = n + 1 if math.isnan(rate) else _ceil(demand * config.headroom / rate, top)
         target = min(max(target, n + 1), top)
@@ -232,7 +233,8 @@ def decide(signals: Signals, config: PolicyConfig, state: PolicyState) -> Decisi
             return Decision(n, CONFIRMING, state)
         if n <= config.min_producers:
             return Decision(n, AT_MIN, state)
-        rate = produced / n / max(1.0 - backpressure, SHARE_FLOOR) if produced > 0 else math.nan
+        rate = produced / n / max(1.0 - backpressure, SHARE_FLOOR)
+        rate = rate if rate > 0 else math.nan  # none, or so small it underflowed to 0.0
         if consumed == 0.0:
             target = config.min_producers  # nobody reads: keep the floor only
         elif math.isnan(rate):
