@@ -130,10 +130,6 @@ class CharTokenizer:
         index = {c: i for i, c in enumerate(self.chars)}
         return np.fromiter((index[c] for c in text), dtype=self.dtype, count=len(text))
 
-    def decode(self, ids: np.ndarray | list[int]) -> str:
-        itos = self.itos
-        return "".join(itos[int(i)] if 0 <= int(i) < len(itos) else "?" for i in ids)
-
 
 @dataclass(frozen=True)
 class Corpus:

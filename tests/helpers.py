@@ -60,6 +60,11 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 # ---------------------------------------------------------------------------- polling
 
 
+def text_of(tokenizer, ids) -> str:
+    """Token ids back to text through the tokenizer's vocabulary (itos)."""
+    return "".join(tokenizer.itos[int(i)] for i in ids)
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
     """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from shared.corpus import CharTokenizer, CorpusError, download_corpus, load_corpus
-from tests.helpers import SHAKESPEARE_SHA256
+from tests.helpers import SHAKESPEARE_SHA256, text_of
 
 
 class _Server:
@@ -57,14 +57,14 @@ def test_tokenizer_sorted_with_mask_last():
     assert tok.mask_id == 8 and tok.vocab_size == 9 and tok.dtype == np.uint8
     assert tok.ignore_value == 255
     ids = tok.encode("hello world")
-    assert ids.dtype == np.uint8 and tok.decode(ids) == "hello world"
+    assert ids.dtype == np.uint8 and text_of(tok, ids) == "hello world"
 
 
 def test_tokenizer_beyond_latin1_and_wide_vocab():
     text = "".join(chr(0x4E00 + i) for i in range(300)) + "é"
     tok = CharTokenizer.from_text(text)
     assert tok.vocab_size == 302 and tok.dtype == np.uint16 and tok.ignore_value == 65535
-    assert tok.decode(tok.encode(text)) == text
+    assert text_of(tok, tok.encode(text)) == text
 
 
 def test_shakespeare_split_and_vocab(shakespeare, tmp_path):
@@ -82,7 +82,7 @@ def test_shakespeare_split_and_vocab(shakespeare, tmp_path):
     assert len(corpus.train) == int(len(text) * 0.9)
     assert len(corpus.train) + len(corpus.val) == len(text)
     assert (
-        corpus.tokenizer.decode(corpus.val[:100])
+        text_of(corpus.tokenizer, corpus.val[:100])
         == text[len(corpus.train) : len(corpus.train) + 100]
     )
 
@@ -139,4 +139,4 @@ def test_any_text_file_by_path(small_corpus: Path, tmp_path):
         train_val_split=0.5,
     )
     assert corpus.name == "small"
-    assert corpus.tokenizer.decode(corpus.train[:6]) == "Line 0"
+    assert text_of(corpus.tokenizer, corpus.train[:6]) == "Line 0"

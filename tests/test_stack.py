@@ -224,11 +224,18 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
         # ... because, as the same signals read here from Prometheus and Redis show, the
         # stream sits at its bound, the producers mostly wait on backpressure and the
         # trainers are fed.
-        signals = read_signals(base, client, KEYS.train, producers=2, max_backlog=64, window=WINDOW)
+        config = PolicyConfig()
+
+        def at_the_bound():
+            seen = read_signals(
+                base, client, KEYS.train, producers=2, max_backlog=64, window=WINDOW
+            )
+            return seen if seen.queue_length >= config.full_fraction * 64 else None
+
+        # The stream's length moves with every step and send: it keeps returning to the bound.
+        signals = wait_until(at_the_bound, 30, "the stream at its bound", interval=0.2)
         assert signals.consumed_per_s > 0 and signals.produced_per_s > 0
         assert not signals.missing()
-        config = PolicyConfig()
-        assert signals.queue_length >= config.full_fraction * 64, signals
         assert signals.backpressure_share >= config.idle_backpressure, signals
         assert signals.data_wait_share <= config.starve_threshold, signals
     finally:
