@@ -87,8 +87,10 @@ def _short(value: Any) -> str:
 def publish_meta(client: redis.Redis, keys: StreamKeys, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``meta`` unless the namespace has one; return the stored meta.
     Raises ContractMismatch when the stored fingerprint differs."""
-    client.set(keys.meta, json.dumps(meta, ensure_ascii=False), nx=True)
-    stored = read_meta(client, keys)
+    stored = read_meta(client, keys)  # first: a full Redis refuses SET, not GET
+    if stored is None:
+        client.set(keys.meta, json.dumps(meta, ensure_ascii=False), nx=True)
+        stored = read_meta(client, keys)
     if stored is None:  # deleted between SET NX and GET: try once more
         client.set(keys.meta, json.dumps(meta, ensure_ascii=False), nx=True)
         stored = read_meta(client, keys) or meta
@@ -121,10 +123,15 @@ class ContractGuard:
 
     def __call__(self, connection: redis.connection.AbstractConnection) -> None:
         connection.on_connect()
-        connection.send_command("SET", self.keys.meta, self.payload, "NX")
-        connection.read_response()
         connection.send_command("GET", self.keys.meta)
         raw = connection.read_response()
+        if raw is None:
+            # Only when missing: at maxmemory Redis refuses every SET, and a
+            # full Redis must still let producers connect and wait for room.
+            connection.send_command("SET", self.keys.meta, self.payload, "NX")
+            connection.read_response()
+            connection.send_command("GET", self.keys.meta)
+            raw = connection.read_response()
         try:
             stored = json.loads(raw)
         except (TypeError, ValueError):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import redis
 
 from shared.codec import Batch, CodecError
+from shared.contract import check_meta, read_meta
 from shared.streams import (
     Entry,
     StreamKeys,
@@ -81,6 +82,43 @@ class BatchReader:
         entries past the delivery limit are dead-lettered here."""
         entries = list(reclaim(self.client, self.stream, self.group, self.consumer, min_idle_ms))
         return self._usable(self._within_delivery_limit(entries))
+
+    def reclaim_departed(self, live: set[str]) -> list[Delivered]:
+        """Entries pending on consumers that are not in ``live`` (ranks of an
+        earlier, larger world, or gone), claimed for this consumer; consumers
+        left with nothing pending are removed from the group. Live consumers'
+        entries are never touched, however long they hold them."""
+        claimed: list[Entry] = []
+        for consumer in self.client.xinfo_consumers(self.stream, self.group):
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name in live or name == self.consumer:
+                continue
+            if int(consumer["pending"]) == 0:
+                # Nothing pending: removing it loses nothing (DELCONSUMER drops
+                # a consumer's pending entries, so never before they are claimed).
+                self.client.xgroup_delconsumer(self.stream, self.group, name)
+                continue
+            pending = self.client.xpending_range(
+                self.stream, self.group, "-", "+", 1000, consumername=name
+            )
+            ids = [entry["message_id"] for entry in pending]
+            if ids:
+                entries = self.client.xclaim(self.stream, self.group, self.consumer, 0, ids)
+                claimed.extend(entries)
+                log.info("%s: took %d entries left pending by %s", self.consumer, len(ids), name)
+        return self._usable(self._within_delivery_limit(claimed))
+
+    def recover(self) -> bool:
+        """After Redis lost the group (a restart without persistence): re-create
+        it once producers have restored the contract; False while the contract
+        is missing. Raises ``ContractMismatch`` if Redis now holds another one."""
+        stored = read_meta(self.client, self.keys)
+        if stored is None:
+            return False
+        check_meta(self.keys, stored, self.validator.meta)
+        self.setup("0")
+        return True
 
     def read(self, count: int, block_ms: int | None) -> list[Delivered]:
         entries = read_new(self.client, self.stream, self.group, self.consumer, count, block_ms)

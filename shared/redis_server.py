@@ -42,8 +42,10 @@ def free_port() -> int:
 
 class RedisServer:
     """``start`` waits until it answers PING; ``kill`` is a crash (SIGKILL),
-    ``stop`` a clean shutdown; ``restart`` crashes it and starts an empty
-    server on the same port. No persistence: a restart loses everything."""
+    ``stop`` a clean shutdown; ``restart`` crashes it and starts it again on
+    the same port. No persistence unless ``extra_args`` turn it on (then a
+    restart reloads the AOF from ``workdir``); otherwise a restart loses
+    everything."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class RedisServer:
         port: int | None = None,
         cores: Iterable[int] | None = None,
         new_session: bool = False,
+        extra_args: Iterable[str] = (),
     ) -> None:
         self.binary = binary or find_redis_server()
         self.port = port or free_port()
@@ -63,6 +66,8 @@ class RedisServer:
         # A new session keeps a terminal's Ctrl-C away from it, so that the
         # owner can stop it last.
         self.new_session = new_session
+        # Later arguments win: "--appendonly yes" here turns persistence on.
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -90,6 +95,7 @@ class RedisServer:
                 str(self.workdir),
                 "--logfile",
                 str(self.log),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -314,7 +314,9 @@ class TrainSettings(_Base):
         60_000, ge=0, description="idle time after which a gone consumer's entries are taken"
     )
     ack_log: Path | None = Field(
-        None, description="append 'producer seq entry-id' per acked entry here (audits)"
+        None,
+        description="audit file: one line 'producer seq entry-id' per acked entry, one file "
+        "per rank (<ack_log>.rank<r>, its folder created)",
     )
     trainer_metrics_port: int = Field(
         9200, ge=0, le=65535, description="trainer's Prometheus port, all ranks (0 = none)"

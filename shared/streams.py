@@ -67,6 +67,12 @@ class StreamKeys:
     def stage(self) -> str:
         return self._key("stage")
 
+    @property
+    def max_backlog(self) -> str:
+        """The producers' bound on the training stream (published, not hashed
+        into the contract: changing it changes no data)."""
+        return self._key("train:max_backlog")
+
     def failures(self, group: str) -> str:
         """Hash: entry id -> training steps of ``group`` that failed on it."""
         return self._key(f"train:failures:{group}")
@@ -539,13 +545,24 @@ class ProducerLease:
         self._renew = client.register_script(_RENEW_LEASE)
         self.producer_id: int | None = None
 
-    def acquire(self, wanted: int | None = None) -> int:
+    def acquire(self, wanted: int | None = None, stop: threading.Event | None = None) -> int | None:
+        """A producer id: ``wanted`` once its lease is free (a producer
+        restarted within its lease waits it out), else a new one. None if
+        ``stop`` is set while waiting."""
         if wanted is not None:
-            if not self._try(wanted):
-                raise RuntimeError(
-                    f"producer_id {wanted} is held by another live producer; "
-                    "unset producer_id to get one allocated"
-                )
+            announced = False
+            while not self._try(wanted):
+                if not announced:
+                    log.warning(
+                        "producer_id %d is held by another producer (or by this one before a "
+                        "restart): waiting up to %d s for its lease to expire; unset "
+                        "producer_id to get a free one",
+                        wanted,
+                        self.ttl_ms // 1000,
+                    )
+                    announced = True
+                if stop is None or stop.wait(1.0):
+                    return None
             self.producer_id = wanted
             return wanted
         while True:

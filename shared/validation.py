@@ -45,7 +45,7 @@ class EntryValidator:
     """The checks of one stream (``split``) under one contract (``meta``)."""
 
     def __init__(self, meta: dict[str, Any], split: str, max_bytes: int) -> None:
-        self.split = split
+        self.meta, self.split = meta, split
         self.fingerprint = str(meta["fingerprint"])
         self.schema = schema_of(meta)
         self.max_bytes = max_bytes

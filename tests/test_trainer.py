@@ -511,6 +511,7 @@ def test_poison_entries_are_dead_lettered_and_training_finishes(
             *SMALL,
             "--max_iters=40",
             "--eval_interval=20",
+            "--prefetch_batches=4",  # room for 1 x 2 + 2 x 4 held entries in a backlog of 16
             f"--out_dir={tmp_path / 'run'}",
             f"--ack_log={ack_log}",
         ],

@@ -10,6 +10,7 @@ from services.producer.provider import load_provider
 from shared.contract import ContractMismatch
 from shared.corpus import CorpusError
 from shared.exit_codes import ExitCode
+from shared.faults import REFUSED, refusal_message
 from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.metrics import serve as serve_metrics
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ContractMismatch as exc:
         log.error("%s", exc)
         return ExitCode.CONTRACT
+    except REFUSED as exc:
+        log.error("%s", refusal_message(exc, "producer"))
+        return ExitCode.CONFIG
     return ExitCode.OK
 
 

@@ -20,6 +20,7 @@ from services.producer import metrics
 from services.producer.provider import Provider
 from shared.codec import Batch, encode
 from shared.contract import ContractGuard, check_meta, make_meta, publish_meta, read_meta
+from shared.faults import FULL, REFUSED
 from shared.masking import StageCycle
 from shared.settings import ProducerConfig
 from shared.streams import (
@@ -125,6 +126,7 @@ class Producer:
         self.active_stage = 0
         self.pending: deque[tuple[bytes, int]] = deque()  # (payload, stage), in seq order
         self._next_allowed = 0.0
+        self.redis_full = False  # refused for maxmemory since the last successful send
 
     # ----------------------------------------------------------- lifecycle
 
@@ -139,6 +141,19 @@ class Producer:
                     self._setup()
                     backoff.reset()
                     self._produce()
+                except REFUSED:
+                    raise  # credentials or permissions: waiting will not help
+                except FULL as exc:
+                    # At maxmemory Redis refuses what would grow it: backpressure.
+                    # Consumers' acks and deletes free memory; then we go on.
+                    delay = backoff.next_delay()
+                    if not self.redis_full:
+                        log.warning("Redis is full (%s); backing off until it has room", exc)
+                        self.redis_full = True
+                    metrics.REDIS_FULL.inc()
+                    started = time.monotonic()
+                    self.stop.wait(delay)
+                    metrics.BACKPRESSURE_SECONDS.observe(time.monotonic() - started)
                 except TRANSIENT_ERRORS as exc:
                     delay = backoff.next_delay()
                     log.warning("lost Redis (%s); reconnecting in %.1f s", exc, delay)
@@ -151,12 +166,18 @@ class Producer:
         after every reconnect: a restarted Redis may have lost everything."""
         self._connections_seen = self.guard.connections
         publish_meta(self.client, self.keys, self.meta)
+        # The bound, for trainers to check their ack policy against (not part
+        # of the contract: it changes no data).
+        if self.client.get(self.keys.max_backlog) != str(self.settings.max_backlog).encode():
+            self.client.set(self.keys.max_backlog, self.settings.max_backlog)
         if self.maker is None or not self.lease.renew():
             if self.maker is not None:
                 log.warning(
                     "producer id %s was taken over; taking a new one", self.lease.producer_id
                 )
-            producer_id = self.lease.acquire(self.settings.producer_id)
+            producer_id = self.lease.acquire(self.settings.producer_id, self.stop)
+            if producer_id is None:  # stopped while waiting for a held id
+                return
             self.maker = BatchMaker(
                 self.provider, self.fingerprint, self.settings.seed, producer_id, "train"
             )
@@ -193,6 +214,8 @@ class Producer:
             self.lease.release()
         except (*TRANSIENT_ERRORS, redis.RedisError) as exc:
             log.info("could not tidy up in Redis on shutdown (%s)", exc)
+        except Exception as exc:  # e.g. a refused password: nothing to tidy
+            log.info("could not tidy up in Redis on shutdown (%s)", exc)
         log.info("producer %s stopped after %d batches", self.lease.producer_id, self.sent_total)
         self.client.close()
 
@@ -221,6 +244,9 @@ class Producer:
                 self._throttle()
                 self.pending.append(self._make_next())
             sent = self._send()
+            if self.redis_full:
+                log.info("Redis has room again")
+                self.redis_full = False
             if self.guard.connections != self._connections_seen:
                 log.warning("reconnected to Redis; restoring this producer's state")
                 self._setup()

@@ -24,6 +24,10 @@ SEND_SECONDS = Histogram(
     "Time of one send (reservation and MULTI)",
     buckets=FAST_BUCKETS,
 )
+REDIS_FULL = Counter(
+    "maskstream_producer_redis_full",
+    "Sends Redis refused at maxmemory (waited out as backpressure)",
+)
 BACKPRESSURE_SECONDS = Histogram(
     "maskstream_producer_backpressure_wait_seconds",
     "Time waited because the stream was at max_backlog, per wait",

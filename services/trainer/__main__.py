@@ -27,14 +27,16 @@ def _metrics_dir() -> str:
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _metrics_dir())
 
 import logging  # noqa: E402 - after the environment above
+import math  # noqa: E402 - after the environment above
 import sys  # noqa: E402 - after the environment above
 
 from prometheus_client import multiprocess  # noqa: E402 - after the environment above
 
 from services.trainer.checkpoint import CheckpointError  # noqa: E402 - after the environment above
-from services.trainer.train import StepFailed, Trainer  # noqa: E402 - after the environment above
+from services.trainer.train import StepFailed, Trainer, TrainerConfigError  # noqa: E402 - after the environment above
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
 from shared.exit_codes import ExitCode  # noqa: E402 - after the environment above
+from shared.faults import REFUSED, refusal_message  # noqa: E402 - after the environment above
 from shared.lifecycle import stop_on_signals  # noqa: E402 - after the environment above
 from shared.logs import configure_logging  # noqa: E402 - after the environment above
 from shared.settings import (  # noqa: E402 - after the environment above
@@ -60,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ContractMismatch, CheckpointError) as exc:
         log.error("%s", exc)
         return ExitCode.CONTRACT
+    except TrainerConfigError as exc:
+        log.error("%s", exc)
+        return ExitCode.CONFIG
+    except REFUSED as exc:
+        log.error("%s", refusal_message(exc, "trainer"))
+        return ExitCode.CONFIG
     if trainer is None:
         log.info("stopped before producers published the contract")
         return ExitCode.OK
@@ -68,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as exc:
         log.error("%s; exiting so that a restart goes on", exc, exc_info=exc.__cause__)
         return ExitCode.FAILURE
+    except ContractMismatch as exc:  # Redis came back with another contract
+        log.error("%s", exc)
+        return ExitCode.CONTRACT
+    except REFUSED as exc:
+        log.error("%s", refusal_message(exc, "trainer"))
+        return ExitCode.CONFIG
     finally:
         trainer.close()
         # This rank's "live" gauges leave the multiprocess view.
@@ -81,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             result["reclaimed"],
             result["dead_letters"],
         )
-        print(f"val loss {result['val_loss']:.4f}", flush=True)
+        if math.isnan(result["val_loss"]):
+            print("val loss: none (stopped before the first evaluation)", flush=True)
+        else:
+            print(f"val loss {result['val_loss']:.4f}", flush=True)
     return ExitCode.OK
 
 

@@ -20,14 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import redis
 import torch
 
 from services.trainer import metrics
 from shared.codec import Batch
+from shared.faults import PASSING, REFUSED, RedisState, is_missing_group, ride_out
 from shared.reader import BatchReader
-from shared.streams import TRANSIENT_ERRORS, Backoff
+from shared.streams import Backoff
 
 log = logging.getLogger(__name__)
+
+DEPARTED_SWEEP_S = 10.0  # how often the first rank looks for entries of departed ranks
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,15 @@ class StreamFeed:
         reclaim_idle_ms: int,
         pin_memory: bool,
         ack_log: Path | None = None,
+        world: int = 1,
+        stop: threading.Event | None = None,
+        redis_state: RedisState | None = None,
     ) -> None:
         self.reader = reader
+        self.world = world
+        # The trainer's stop: acks give up waiting for Redis once it is set.
+        self.trainer_stop = stop or threading.Event()
+        self.redis = redis_state or RedisState(reader.consumer)
         self.consumer = reader.consumer
         self.rank = reader.consumer.removeprefix("rank")
         reader.on_dead_letter = lambda reason: metrics.DEAD_LETTERS.labels(reason, self.rank).inc()
@@ -73,6 +84,8 @@ class StreamFeed:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"feed-{self.consumer}", daemon=True)
         self._delivered: dict[bytes, MicroBatch] = {}
+        if ack_log is not None:
+            ack_log.parent.mkdir(parents=True, exist_ok=True)
         self._ack_log = open(ack_log, "a", buffering=1) if ack_log else None  # noqa: SIM115
         self.reclaimed = 0
         self.acked = 0
@@ -86,32 +99,61 @@ class StreamFeed:
         self._thread.start()
 
     def _run(self) -> None:
-        backoff = Backoff()
+        backoff = Backoff(cap=2.0)
         reclaimed = False
+        next_sweep = time.monotonic() + DEPARTED_SWEEP_S
+        # The first rank takes over what ranks outside this world left pending.
+        live = {f"rank{r}" for r in range(self.world)} if self.consumer == "rank0" else None
         while not self._stop.is_set():
             try:
                 if not reclaimed:
                     delivered = self.reader.reclaim(self.reclaim_idle_ms)
-                    self.reclaimed = len(delivered)
-                    metrics.RECLAIMED_ENTRIES.labels(self.rank).inc(len(delivered))
-                    if delivered:
-                        log.info("%s: %d entries reclaimed", self.consumer, len(delivered))
+                    self._count_reclaimed(delivered)
                     reclaimed = True
+                elif live is not None and time.monotonic() >= next_sweep:
+                    delivered = self.reader.reclaim_departed(live)
+                    self._count_reclaimed(delivered)
+                    next_sweep = time.monotonic() + DEPARTED_SWEEP_S
                 else:
                     delivered = self.reader.read(count=self.prefetch, block_ms=1000)
                 backoff.reset()
-            except TRANSIENT_ERRORS as exc:
-                delay = backoff.next_delay()
-                log.warning(
-                    "%s: Redis unavailable (%s); retrying in %.1f s", self.consumer, exc, delay
-                )
-                self._stop.wait(delay)
+                self.redis.recovered()
+            except REFUSED as exc:  # credentials or permissions: a human must act
+                self._put(exc)
+                return
+            except PASSING as exc:
+                self.redis.failed(exc)
+                self._stop.wait(backoff.next_delay())
+                continue
+            except redis.ResponseError as exc:
+                if not is_missing_group(exc):
+                    self._put(exc)
+                    return
+                # Redis restarted without persistence: the group is gone with the
+                # data. Wait for the producers to restore the same contract.
+                self.redis.failed(exc)
+                try:
+                    restored = self.reader.recover()
+                except Exception as error:  # another contract, or a refusal
+                    self._put(error)
+                    return
+                if restored:
+                    log.warning("%s: Redis lost the consumer group; re-created it", self.consumer)
+                    reclaimed = False
+                else:
+                    self._stop.wait(backoff.next_delay())
                 continue
             except BaseException as exc:  # surfaced to the training loop by next()
                 self._put(exc)
                 return
             for entry_id, batch in delivered:
                 self._put(self._host_batch(entry_id, batch))
+
+    def _count_reclaimed(self, delivered: list) -> None:
+        self.reclaimed += len(delivered)
+        metrics.RECLAIMED_ENTRIES.labels(self.rank).inc(len(delivered))
+        if delivered:
+            log.info("%s: %d entries reclaimed", self.consumer, len(delivered))
 
     def _host_batch(self, entry_id: bytes, batch: Batch) -> MicroBatch:
         return MicroBatch(
@@ -136,6 +178,8 @@ class StreamFeed:
     def next(self, stop: threading.Event | None = None) -> MicroBatch | None:
         """The next micro-batch; blocks while the stream is empty (the time is
         counted in ``wait_s``). None once ``stop`` is set."""
+        if stop is not None and stop.is_set():
+            return None
         started = time.perf_counter()
         try:
             while True:
@@ -159,7 +203,15 @@ class StreamFeed:
         acked before (by anyone) counts in ``double_acks``."""
         if not entry_ids:
             return 0
-        acked = self.reader.ack(entry_ids)
+        acked = ride_out(lambda: self.reader.ack(entry_ids), self.trainer_stop, self.redis)
+        if acked is None:
+            log.warning(
+                "%s: stopping while Redis is away: %d entries stay unacked and will be "
+                "delivered again",
+                self.consumer,
+                len(entry_ids),
+            )
+            return 0
         self.acked += acked
         self.double_acks += len(entry_ids) - acked
         metrics.ACKED_ENTRIES.labels(self.rank).inc(acked)
@@ -179,7 +231,7 @@ class StreamFeed:
 
     def record_failure(self, entry_ids: list[bytes]) -> None:
         """The step holding ``entry_ids`` failed: count it (the delivery limit)."""
-        self.reader.record_failure(entry_ids)
+        ride_out(lambda: self.reader.record_failure(entry_ids), self.trainer_stop, self.redis)
 
     @property
     def dead_letters(self) -> int:

@@ -2,6 +2,8 @@
 Gauges use multiprocess mode "livemax": the value of live ranks, their maximum
 (only the first rank sets most of them)."""
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.metrics import FAST_BUCKETS, SLOW_BUCKETS
@@ -31,6 +33,25 @@ STEP_FAILURES = Counter(
     "Training steps that raised (counted against their entries)",
     ["rank"],
 )
+REDIS_UP = Gauge(
+    "maskstream_trainer_redis_up",
+    "1 while Redis answers this rank, 0 while it waits out an outage or a full Redis",
+    ["rank"],
+    multiprocess_mode="livemin",
+)
+REDIS_OUTAGES = Counter(
+    "maskstream_trainer_redis_outages", "Times this rank lost Redis and waited", ["rank"]
+)
+
+
+def redis_up(up: bool, rank: str | None = None) -> None:
+    """RedisState's hook: the gauge, and one count per outage."""
+    rank = rank if rank is not None else os.environ.get("RANK", "0")
+    REDIS_UP.labels(rank).set(1.0 if up else 0.0)
+    if not up:
+        REDIS_OUTAGES.labels(rank).inc()
+
+
 RECLAIMED_ENTRIES = Counter(
     "maskstream_reclaimed_entries",
     "Entries taken back at start (own pending, then idle ones of gone consumers)",

@@ -14,6 +14,7 @@ on disk, so a crash never loses a batch the saved model has not seen.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -39,10 +40,16 @@ from services.trainer.feed import MicroBatch, StreamFeed, to_host_tensor
 from services.trainer.model import MaskedLM, ModelConfig
 from shared.codec import Batch
 from shared.contract import read_meta, schema_of
+from shared.faults import PASSING, REFUSED, RedisState, ride_out
 from shared.metrics import serve as serve_metrics
 from shared.reader import BatchReader, read_validation, validation_ready
 from shared.settings import TrainerConfig, TrainSettings
-from shared.streams import StreamKeys, client_for, pending_count, publish_active_stage
+from shared.streams import (
+    StreamKeys,
+    client_for,
+    pending_count,
+    publish_active_stage,
+)
 from shared.validation import EntryValidator
 
 log = logging.getLogger(__name__)
@@ -83,7 +90,12 @@ def init_distributed(device_setting: str) -> tuple[Dist, torch.device]:
     else:
         device = torch.device("cpu")
     if d.enabled:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Ranks wait in a collective while a peer waits for data: allow long
+        # starvation (producers down) rather than crashing after the default.
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(hours=24),
+        )
     return d, device
 
 
@@ -126,20 +138,71 @@ def learning_rate(it: int, s: TrainSettings) -> float:
 
 
 def wait_for_contract(
-    client: redis.Redis, keys: StreamKeys, stop: threading.Event
+    client: redis.Redis,
+    keys: StreamKeys,
+    stop: threading.Event,
+    state: RedisState | None = None,
 ) -> dict[str, Any] | None:
     """The dataset contract, once producers have published it and the
-    validation set (the trainer never writes either); None if stopped first."""
+    validation set (the trainer never writes either); None if stopped first.
+    An unreachable Redis is waited out; refused credentials are raised."""
+    state = state or RedisState("trainer")
     announced = False
     while not stop.is_set():
-        meta = read_meta(client, keys)
-        if meta is not None and validation_ready(client, keys, meta["fingerprint"]):
+        try:
+            meta = read_meta(client, keys)
+            ready = meta is not None and validation_ready(client, keys, meta["fingerprint"])
+        except REFUSED:
+            raise
+        except PASSING as exc:
+            state.failed(exc)
+            stop.wait(1.0)
+            continue
+        state.recovered()
+        if meta is not None and ready:
             return meta
         if not announced:
             log.info("waiting for producers to publish %s and the validation set", keys.meta)
             announced = True
         stop.wait(0.5)
     return None
+
+
+class TrainerConfigError(Exception):
+    """Settings that cannot work together with the queue; exit code 2."""
+
+
+def check_queue_room(settings: TrainerConfig, world: int, max_backlog: int) -> None:
+    """Refuse settings under which the trainer would hold more entries than the
+    stream may contain: producers would wait for room, ranks for data, forever.
+
+    A rank holds the entries of the steps it has not acked yet (two steps under
+    ``ack_policy=step``: the last one and the one in progress; every step since
+    the last checkpoint under ``ack_policy=checkpoint``) plus what its read-ahead
+    took (up to twice ``prefetch_batches``: a full queue and one read in hand)."""
+    s = settings
+    if s.ack_policy == "step":
+        steps, why = 2, "2 steps (the last one and the one in progress)"
+    else:
+        steps = s.checkpoint_interval or s.max_iters
+        why = f"{steps} steps (checkpoint_interval={s.checkpoint_interval})"
+    per_rank = s.gradient_accumulation_steps * steps + 2 * s.prefetch_batches
+    needed = world * per_rank
+    if needed > max_backlog:
+        raise TrainerConfigError(
+            f"ack_policy={s.ack_policy} would hold up to {needed} entries, more than "
+            f"max_backlog={max_backlog} lets the stream hold: {world} rank(s) x "
+            f"({s.gradient_accumulation_steps} micro-batches x {why} + 2 x "
+            f"prefetch_batches={s.prefetch_batches}) = {needed}. Producers would wait for "
+            "room and the trainer for data, forever. Raise max_backlog (producers' setting), "
+            "or lower "
+            + (
+                "gradient_accumulation_steps or prefetch_batches."
+                if s.ack_policy == "step"
+                else "checkpoint_interval, gradient_accumulation_steps or prefetch_batches, "
+                "or use ack_policy=step."
+            )
+        )
 
 
 class StepFailed(RuntimeError):
@@ -179,12 +242,20 @@ class Trainer:
         ``CheckpointError`` or ``ContractMismatch`` when resuming is impossible."""
         d, device = init_distributed(settings.device)
         client = client_for(settings, block_s=1.0)
-        meta = wait_for_contract(client, StreamKeys(settings.namespace), stop)
+        keys = StreamKeys(settings.namespace)
+        state = RedisState(f"trainer rank{d.rank}", on_change=metrics.redis_up)
+        meta = wait_for_contract(client, keys, stop, state)
+        published = ride_out(lambda: client.get(keys.max_backlog), stop, state)
         if meta is None:
             if d.enabled:
                 dist.destroy_process_group()
             return None
-        return cls(settings, stop, meta, client=client, dist_info=d, device=device)
+        # The producers' bound, as they published it (else this trainer's setting).
+        max_backlog = int(published) if published is not None else settings.max_backlog
+        check_queue_room(settings, d.world, max_backlog)
+        return cls(
+            settings, stop, meta, client=client, dist_info=d, device=device, redis_state=state
+        )
 
     def __init__(
         self,
@@ -195,9 +266,13 @@ class Trainer:
         client: redis.Redis,
         dist_info: Dist,
         device: torch.device,
+        redis_state: RedisState | None = None,
     ) -> None:
         self.s, self.stop, self.client = settings, stop, client
         self.d, self.device = dist_info, device
+        self.redis = redis_state or RedisState(
+            f"trainer rank{dist_info.rank}", on_change=metrics.redis_up
+        )
         self.keys = StreamKeys(settings.namespace)
         torch.manual_seed(settings.seed + self.d.rank)
         if settings.torch_threads:
@@ -310,7 +385,12 @@ class Trainer:
             prefetch=s.prefetch_batches,
             reclaim_idle_ms=s.reclaim_idle_ms,
             pin_memory=self.device.type == "cuda",
-            ack_log=s.ack_log.with_suffix(f".rank{self.d.rank}") if s.ack_log else None,
+            ack_log=s.ack_log.with_name(f"{s.ack_log.name}.rank{self.d.rank}")
+            if s.ack_log
+            else None,
+            world=self.d.world,
+            stop=self.stop,
+            redis_state=self.redis,
         )
 
     def _log_model(self) -> None:
@@ -388,12 +468,19 @@ class Trainer:
         used: list[MicroBatch] = []
         total = torch.zeros((), device=self.device)  # summed on the device: no sync per micro-step
         started, waited = time.perf_counter(), self.feed.wait_s
-        for micro in range(accum):
-            # Under DDP a rank must not leave a step its peers are in: it waits
-            # for data, and stopping is agreed on between steps (should_stop).
-            mb = self.feed.next(None if self.d.enabled else self.stop)
+        # Every micro-batch of the step first, then agree: a rank that was asked
+        # to stop while waiting for data tells its peers before any of them
+        # enters the step's collectives. Entries fetched for a step that does
+        # not run stay pending and are delivered again after a restart.
+        fetched = []
+        while len(fetched) < accum:
+            mb = self.feed.next(self.stop)
             if mb is None:
-                return None
+                break
+            fetched.append(mb)
+        if not self._all_ready(len(fetched) == accum):
+            return None
+        for micro, mb in enumerate(fetched):
             used.append(mb)
             try:
                 if (mb.producer, mb.seq) in self._fail_on:
@@ -448,19 +535,32 @@ class Trainer:
         if now - self._queue_observed < every_s:
             return
         self._queue_observed = now
-        length = self.client.xlen(self.keys.train)
-        pending = pending_count(self.client, self.keys.train, self.s.run_name)
+        try:
+            length = self.client.xlen(self.keys.train)
+            pending = pending_count(self.client, self.keys.train, self.s.run_name)
+        except PASSING as exc:  # only gauges: try again next time
+            self.redis.failed(exc)
+            return
         metrics.STREAM_LENGTH.labels(self.keys.train).set(length)
         metrics.GROUP_PENDING.labels(self.keys.train, self.s.run_name).set(pending)
         metrics.GROUP_LAG.labels(self.keys.train, self.s.run_name).set(max(0, length - pending))
 
-    def should_stop(self) -> bool:
-        """Whether any rank was asked to stop (every rank gets the same answer)."""
+    def _all_ready(self, ready: bool) -> bool:
+        """Whether every rank has its step's data and nobody was asked to stop
+        (every rank gets the same answer)."""
         if not self.d.enabled:
-            return self.stop.is_set()
-        flag = torch.tensor([float(self.stop.is_set())], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return ready
+        flag = torch.tensor([float(ready)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
+
+    def _publish_stage(self) -> None:
+        """Tell producers the active stage, waiting out a Redis outage."""
+        ride_out(
+            lambda: publish_active_stage(self.client, self.keys, self.stage.active),
+            self.stop,
+            self.redis,
+        )
 
     def _barrier_and_ack(self) -> None:
         """Every rank is past its last step: ack what is still outstanding."""
@@ -542,7 +642,7 @@ class Trainer:
             metrics.MAX_BACKLOG.set(s.max_backlog)
             metrics.ACTIVE_STAGE.set(-1 if self.all_stages else self.stage.active)
         if not self.all_stages and self.d.master:
-            publish_active_stage(self.client, self.keys, self.stage.active)
+            self._publish_stage()
         t_last, wait_last, steps_since = time.perf_counter(), self.feed.wait_s, 0
         val_loss = math.nan
         stopped_early = False
@@ -596,9 +696,6 @@ class Trainer:
             if s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0:
                 self.checkpoint()
                 checkpointed_at = p.iter_num
-            if self.should_stop():
-                stopped_early = True
-                break
         if checkpointed_at != p.iter_num:
             self.checkpoint()
         if math.isnan(val_loss) and not stopped_early:
@@ -630,7 +727,7 @@ class Trainer:
             patience = self.meta["stages"]["train"][self.stage.active].get("val_loss_stale_count")
             # Every rank updates its stage state; the first one publishes it.
             if self.stage.update(val_loss, patience, self.n_stages) and self.d.master:
-                publish_active_stage(self.client, self.keys, self.stage.active)
+                self._publish_stage()
                 metrics.ACTIVE_STAGE.set(self.stage.active)
                 log.info("validation loss plateaued: advancing to stage %d", self.stage.active)
         return val_loss

@@ -1,0 +1,119 @@
+"""Which Redis faults a service waits out and which ones a human must fix.
+
+An outage, a restart, a server still loading its AOF or a full server
+(``maxmemory``) pass: services back off and try again, logging once when the
+state changes. A refused password or a missing permission never passes by
+itself: services stop with exit code 2 and a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    OutOfMemoryError,
+)
+
+from shared.streams import TRANSIENT_ERRORS, Backoff
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Credentials or permissions: waiting does not help. (redis-py's authentication
+# errors subclass ConnectionError, so catch these before TRANSIENT_ERRORS.)
+REFUSED: tuple[type[Exception], ...] = (
+    AuthenticationError,
+    AuthorizationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+)
+# At maxmemory with noeviction Redis refuses writes that grow memory: that is
+# backpressure, which consumers' acks and deletes relieve.
+FULL: tuple[type[Exception], ...] = (OutOfMemoryError,)
+PASSING: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, *FULL)
+
+
+def refusal_message(exc: Exception, service: str) -> str:
+    """What to fix when Redis refuses ``service``'s credentials or a command."""
+    if isinstance(exc, NoPermissionError):
+        return (
+            f"{service}: Redis refused a command ({exc}). The Redis user lacks a permission "
+            "this service needs: check redis_url's user and the server's ACL for this role."
+        )
+    return (
+        f"{service}: Redis refused the credentials ({exc}). Set the right password with "
+        "redis_password_file (or REDIS_PASSWORD / --redis_password) and the user, if any, "
+        "in redis_url."
+    )
+
+
+class RedisState:
+    """Whether Redis answers, logged once per change (not once per retry)."""
+
+    def __init__(self, name: str, on_change: Callable[[bool], None] | None = None) -> None:
+        self.name, self.on_change = name, on_change
+        self.up = True
+
+    def failed(self, exc: Exception) -> None:
+        if self.up:
+            self.up = False
+            full = isinstance(exc, FULL)
+            log.warning(
+                "%s: Redis %s (%s); waiting it out",
+                self.name,
+                "is full (maxmemory)" if full else "is unavailable",
+                exc,
+            )
+            if self.on_change is not None:
+                self.on_change(False)
+
+    def recovered(self) -> None:
+        if not self.up:
+            self.up = True
+            log.info("%s: Redis answers again", self.name)
+            if self.on_change is not None:
+                self.on_change(True)
+
+
+def ride_out(
+    op: Callable[[], T],
+    stop: threading.Event,
+    state: RedisState,
+    *,
+    give_up_on_stop: bool = True,
+) -> T | None:
+    """Run ``op`` until it succeeds, backing off through outages and a full
+    Redis; None if ``stop`` is set first (and ``give_up_on_stop``). Refused
+    credentials or permissions are raised: a human must act."""
+    backoff = Backoff(cap=2.0)
+    while True:
+        try:
+            result = op()
+        except REFUSED:
+            raise
+        except PASSING as exc:
+            state.failed(exc)
+            if give_up_on_stop and stop.is_set():
+                return None
+            stop.wait(backoff.next_delay()) if give_up_on_stop else _sleep(backoff.next_delay())
+            continue
+        state.recovered()
+        return result
+
+
+def _sleep(seconds: float) -> None:
+    threading.Event().wait(seconds)
+
+
+def is_missing_group(exc: redis.ResponseError) -> bool:
+    """XREADGROUP/XAUTOCLAIM on a group Redis lost (a restart without persistence)."""
+    return str(exc).startswith("NOGROUP")
