@@ -143,6 +143,12 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_ext(code: int, data: bytes) -> Any:
+    """msgpack's ext hook: the format has no ext values (max_ext_len=0 refuses
+    those with a payload; this refuses the empty ones the same way)."""
+    raise CodecError("malformed", f"an ext value (type {code}) is not part of the format")
+
+
 def decode(
     data: bytes | bytearray | memoryview,
     *,
@@ -178,6 +184,7 @@ def decode(
             max_array_len=MAX_NDIM + 3,
             max_map_len=len(FIELDS) + 8,
             max_ext_len=0,
+            ext_hook=_no_ext,
         )
     except CodecError:
         raise
@@ -188,17 +195,20 @@ def decode(
         raise CodecError("malformed", f"not a msgpack message: {type(exc).__name__}") from None
     if not isinstance(message, dict):
         raise CodecError("wrong_type", "a message must be a map")
+    # The version first, whatever else the map holds: a later format may add or
+    # drop keys, and its messages must read as "unsupported_version".
+    version = message.get("v")
+    if type(version) is int and version != FORMAT_VERSION:
+        raise CodecError(
+            "unsupported_version", f"format version {version}, expected {FORMAT_VERSION}"
+        )
     if set(message) != FIELDS:
         missing, extra = sorted(FIELDS - set(message)), sorted(set(message) - FIELDS)
         raise CodecError(
             "malformed" if missing else "unknown_field",
             f"missing fields {missing}" if missing else f"unknown fields {extra}",
         )
-    version = _field(message, "v", int)
-    if version != FORMAT_VERSION:
-        raise CodecError(
-            "unsupported_version", f"format version {version}, expected {FORMAT_VERSION}"
-        )
+    _field(message, "v", int)  # an int other than 1 was refused above
     fp = _field(message, "fp", str)
     if fingerprint is not None and fp != fingerprint:
         raise CodecError(
