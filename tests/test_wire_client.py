@@ -1,17 +1,24 @@
-"""An independent client for the streams, written only from the README's Wire format.
+"""An independent client for the streams, written only from docs/wire-format.md.
 
-Nothing from ``shared`` or ``services`` is imported: the decoder below uses ``msgpack``,
-``numpy``, ``json``, ``hashlib`` and ``redis`` exactly as the document describes, so these
-tests fail whenever the producer and the document disagree.
+Nothing from ``shared`` or ``services`` is imported: the client below uses ``msgpack``,
+``numpy``, ``json``, ``hashlib`` and ``redis`` as the page describes, so these tests fail
+whenever the code and the page disagree. It runs the whole conformance set
+(tests/vectors/: every valid vector decodes to its expected content, every invalid one is
+refused with its reason), and it reads what real producers write: rows rebuilt into corpus
+text, sequence numbers, and the selection and corruption rates of every stage type checked
+against the page's formulas.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+import random
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -21,9 +28,7 @@ import redis
 
 from tests.helpers import wait_until
 
-pytestmark = pytest.mark.slow
-
-# --- the decoder: everything below follows the README's "Wire format" section ------------------
+# --- the client: everything below follows docs/wire-format.md ---------------------------------
 
 WIRE_DTYPES = {
     "bool",
@@ -39,9 +44,51 @@ WIRE_DTYPES = {
     "float32",
     "float64",
 }
-MESSAGE_KEYS = {"v", "fp", "split", "stage", "producer", "seq", "t", "tensors"}
+# The keys of "A message", in its table's order (the canonical one).
+TABLE_ORDER = ("v", "fp", "split", "stage", "producer", "seq", "t", "tensors")
+MESSAGE_KEYS = set(TABLE_ORDER)
 UNFINGERPRINTED = {"fingerprint", "created", "created_by"}
 MAX_DIMS = 8
+INT64_MAX = 2**63 - 1
+HEADER_SLACK = 1024  # bytes a message may hold beyond its tensors' raw bytes
+MAX_STR_BYTES, MAX_ARRAY, MAX_MAP = 256, 11, 16
+# "The contract": every field, with its JSON type.
+META_FIELDS = {
+    "format_version": int,
+    "dataset": str,
+    "schema": dict,
+    "seed": int,
+    "val_batches": int,
+    "use_all_stages_for_training": bool,
+    "corpus": str,
+    "corpus_sha256": str,
+    "itos": list,
+    "vocab_size": int,
+    "mask_token_id": int,
+    "label_ignore_value": int,
+    "ignore_index": int,
+    "batch_size": int,
+    "block_size": int,
+    "train_val_split": float,
+    "stages": dict,
+    "fingerprint": str,
+    "created": float,
+    "created_by": str,
+}
+STAGE_PARAMETERS = {
+    "random": {"max_masked_ratio": float},
+    "sticky": {"target_masked_ratio": float, "p1_probability": float, "p2_probability": float},
+    "span": {"spans_count": int},
+    "bernoulli": {"masked_ratio": float},
+}
+
+
+class Refused(Exception):
+    """The entry is refused; ``reason`` is the page's dead-letter reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 def is_int(value: object) -> bool:
@@ -50,24 +97,30 @@ def is_int(value: object) -> bool:
 
 
 def contract_fingerprint(meta: dict) -> str:
-    """First 16 hex digits of SHA-256 over the compact, key-sorted JSON of the contract."""
+    """First 16 hex digits of SHA-256 over the compact, key-sorted JSON of the contract.
+    Python's json keeps every number literal of the stored text (a float stays a float)."""
     body = {key: value for key, value in meta.items() if key not in UNFINGERPRINTED}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(canonical_contract(body)).hexdigest()[:16]
 
 
-def read_meta(client: redis.Redis, ns: str) -> dict:
-    raw = client.get(f"{ns}:meta")
-    assert raw is not None, f"{ns}:meta is missing"
-    meta = json.loads(raw.decode("utf-8"))
-    assert isinstance(meta, dict)
+def canonical_contract(body: dict) -> bytes:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")
+
+
+def check_contract(meta: dict) -> None:
+    assert set(meta) == set(META_FIELDS), f"fields not on the page: {set(meta) ^ set(META_FIELDS)}"
+    for key, kind in META_FIELDS.items():
+        assert type(meta[key]) is kind, (key, meta[key])
 
     fingerprint = meta["fingerprint"]
-    assert isinstance(fingerprint, str) and len(fingerprint) == 16
-    assert set(fingerprint) <= set("0123456789abcdef"), fingerprint
+    assert len(fingerprint) == 16 and set(fingerprint) <= set("0123456789abcdef"), fingerprint
     assert contract_fingerprint(meta) == fingerprint
-
     assert meta["format_version"] == 1
+    assert len(meta["corpus_sha256"]) == 64 and set(meta["corpus_sha256"]) <= set(
+        "0123456789abcdef"
+    )
+
     for name, spec in meta["schema"].items():
         assert isinstance(name, str)
         assert set(spec) == {"dtype", "shape"}, spec
@@ -77,113 +130,368 @@ def read_meta(client: redis.Redis, ns: str) -> dict:
     itos = meta["itos"]
     assert all(isinstance(symbol, str) for symbol in itos)
     assert itos[-1] == "[MASK]"
-    assert meta["mask_token_id"] == len(itos) - 1
     characters = itos[:-1]
+    assert all(len(c) == 1 for c in characters), "a vocabulary entry is not one code point"
     assert characters == sorted(characters), "characters are not sorted by code point"
     assert len(set(characters)) == len(characters), "duplicate characters in itos"
-    assert "[MASK]" not in characters
+    assert meta["vocab_size"] == len(itos) and meta["mask_token_id"] == len(itos) - 1
 
-    assert is_int(meta["label_ignore_value"])
-    assert is_int(meta["ignore_index"])
+    # The smallest unsigned dtype holding every id plus one spare value, the ignore value.
+    token_dtype = next(
+        np.dtype(d) for d in ("uint8", "uint16", "uint32") if len(itos) <= np.iinfo(d).max
+    )
+    shape = [meta["batch_size"], meta["block_size"]]
+    assert meta["schema"] == {
+        "input": {"dtype": token_dtype.name, "shape": shape},
+        "labels": {"dtype": token_dtype.name, "shape": shape},
+    }
+    assert meta["label_ignore_value"] == np.iinfo(token_dtype).max
+    assert meta["batch_size"] >= 1 and meta["block_size"] >= 2 and meta["val_batches"] >= 1
+    assert 0 < meta["train_val_split"] < 1
+
     assert set(meta["stages"]) == {"train", "val"}
-    for key in ("batch_size", "block_size", "seed"):
-        assert is_int(meta[key]), key
-    assert isinstance(meta["corpus"], str)
-    assert isinstance(meta["corpus_sha256"], str)
+    for stage in meta["stages"]["train"] + meta["stages"]["val"]:
+        parameters = STAGE_PARAMETERS[stage["type"]]
+        assert set(stage) == {"type", "val_loss_stale_count", *parameters}, stage
+        stale = stage["val_loss_stale_count"]
+        assert stale is None or (is_int(stale) and stale >= 1), stage
+        for key, kind in parameters.items():
+            assert type(stage[key]) is kind, (stage, key)
+
+
+def read_meta(client: redis.Redis, ns: str) -> dict:
+    raw = client.get(f"{ns}:meta")
+    assert raw is not None, f"{ns}:meta is missing"
+    meta = json.loads(raw.decode("utf-8"))
+    check_contract(meta)
     return meta
 
 
-def decode_tensor(name: str, value: object, spec: dict) -> np.ndarray:
+def size_limit(meta: dict) -> int:
+    raw = 0
+    for spec in meta["schema"].values():
+        raw += math.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
+    return raw + HEADER_SLACK
+
+
+def _unique_str_keys(pairs: list[tuple[object, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if not all(type(key) is str for key in keys):
+        raise Refused("wrong_type", "a map key is not a str")
+    if len(set(keys)) != len(keys):
+        raise Refused("duplicate_key", "a key twice in one map")
+    return dict(pairs)
+
+
+def _no_ext(code: int, data: bytes) -> object:
+    raise Refused("malformed", f"ext type {code}")
+
+
+def _within_limits(value: object) -> None:
+    if isinstance(value, str) and len(value.encode("utf-8")) > MAX_STR_BYTES:
+        raise Refused("malformed", "a str over 256 bytes")
+    if isinstance(value, msgpack.Timestamp):
+        raise Refused("malformed", "a timestamp ext value")
+    if isinstance(value, list):
+        if len(value) > MAX_ARRAY:
+            raise Refused("malformed", "an array over 11 elements")
+        for item in value:
+            _within_limits(item)
+    if isinstance(value, dict):
+        if len(value) > MAX_MAP:
+            raise Refused("malformed", "a map over 16 pairs")
+        for key, item in value.items():
+            _within_limits(key)
+            _within_limits(item)
+
+
+def decode_tensor(name: str, value: object) -> tuple[np.ndarray, bytes]:
     """``[dtype, shape, data]``: little-endian elements in C order, exact length."""
-    assert isinstance(value, list) and len(value) == 3, (name, type(value))
+    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[2], bytes)):
+        raise Refused("wrong_type", f"tensor {name} is not [dtype, shape, bin]")
     dtype, shape, data = value
-    assert isinstance(dtype, str) and dtype in WIRE_DTYPES, (name, dtype)
-    assert isinstance(shape, list) and len(shape) <= MAX_DIMS, (name, shape)
-    assert all(is_int(dim) and dim >= 0 for dim in shape), (name, shape)
-    assert isinstance(data, bytes), f"{name}: data is {type(data).__name__}, not bin"
+    if not (isinstance(dtype, str) and dtype in WIRE_DTYPES):
+        raise Refused("bad_dtype", f"{name}: {dtype!r}")
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(is_int(dim) and 0 <= dim <= INT64_MAX for dim in shape)
+    ):
+        raise Refused("bad_shape", f"{name}: {shape!r}")
     wire_dtype = np.dtype(dtype).newbyteorder("<")
-    assert len(data) == int(np.prod(shape, dtype=np.int64)) * wire_dtype.itemsize, name
-    assert dtype == spec["dtype"] and shape == spec["shape"], (name, dtype, shape, spec)
+    if math.prod(shape) * wire_dtype.itemsize != len(data):  # Python ints: no overflow
+        raise Refused("bad_shape", f"{name}: {shape} does not fit {len(data)} bytes")
     array = np.frombuffer(data, dtype=wire_dtype).reshape(shape, order="C")
-    return array.astype(np.dtype(dtype))  # native byte order from here on
+    return array.astype(np.dtype(dtype)), data  # native byte order from here on
 
 
-def decode_message(raw: bytes, meta: dict, split: str) -> dict:
+def check_entry(fields: dict[bytes, bytes], meta: dict, stream: str) -> dict:
+    """The page's "What a consumer checks", in its order: the decoded message (tensors as
+    ``{name: (array, raw bytes)}``), or :class:`Refused` with the reason."""
+    if set(fields) != {b"d"}:
+        raise Refused("bad_entry_fields", str(sorted(fields)))
+    raw = fields[b"d"]
+    if len(raw) > size_limit(meta):
+        raise Refused("oversized", f"{len(raw)} bytes")
+    try:
+        message = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=False,
+            object_pairs_hook=_unique_str_keys,
+            ext_hook=_no_ext,
+        )
+    except Refused:
+        raise
+    except Exception as exc:  # syntax, truncation, trailing bytes, UTF-8, nesting
+        raise Refused("malformed", type(exc).__name__) from None
+    _within_limits(message)
+    if not isinstance(message, dict):
+        raise Refused("wrong_type", "not a map")
+    if is_int(message.get("v")) and message["v"] != 1:
+        raise Refused("unsupported_version", str(message["v"]))
+    if MESSAGE_KEYS - set(message):
+        raise Refused("malformed", f"missing {sorted(MESSAGE_KEYS - set(message))}")
+    if set(message) - MESSAGE_KEYS:
+        raise Refused("unknown_field", str(sorted(set(message) - MESSAGE_KEYS)))
+    ints = ("v", "stage", "producer", "seq")
+    if (
+        not all(is_int(message[key]) for key in ints)
+        or not all(type(message[key]) is str for key in ("fp", "split"))
+        or type(message["t"]) not in (int, float)
+        or not isinstance(message["tensors"], dict)
+    ):
+        raise Refused("wrong_type", "a value of the wrong type")
+    if message["fp"] != meta["fingerprint"]:
+        raise Refused("foreign_fingerprint", message["fp"])
+    if message["split"] not in ("train", "val"):
+        raise Refused("malformed", message["split"])
+    if not all(0 <= message[key] <= INT64_MAX for key in ints[1:]):
+        raise Refused("out_of_range", "stage, producer or seq")
+    if not math.isfinite(message["t"]):
+        raise Refused("out_of_range", "t")
+
+    tensors = {name: decode_tensor(name, value) for name, value in message["tensors"].items()}
+    for name, spec in meta["schema"].items():
+        if name not in tensors:
+            raise Refused("schema_mismatch", f"no {name}")
+        array = tensors[name][0]
+        if array.dtype.name != spec["dtype"] or list(array.shape) != spec["shape"]:
+            raise Refused("schema_mismatch", name)
+    if set(tensors) != set(meta["schema"]):
+        raise Refused("schema_mismatch", str(sorted(tensors)))
+
+    if message["split"] != stream:
+        raise Refused("wrong_split", message["split"])
+    if message["stage"] >= len(meta["stages"][stream]):
+        raise Refused("bad_stage", str(message["stage"]))
+    inputs, labels = tensors["input"][0], tensors["labels"][0]
+    if (inputs >= meta["vocab_size"]).any():
+        raise Refused("bad_tokens", str(inputs.max()))
+    real = (labels < meta["vocab_size"]) & (labels != meta["mask_token_id"])
+    if not (real | (labels == meta["label_ignore_value"])).all():
+        raise Refused("bad_labels", "")
+    return {**message, "t": float(message["t"]), "tensors": tensors}
+
+
+def is_canonical(raw: bytes, meta: dict) -> bool:
+    """What our encoder writes: the smallest encodings, a 64-bit float for ``t``, the keys in
+    the table's order and the tensors in the schema's."""
     message = msgpack.unpackb(raw, raw=False)
-    assert isinstance(message, dict) and set(message) == MESSAGE_KEYS, message.keys()
-    # Re-encoding with msgpack's defaults (smallest ints, float64, str/bin, no ext) must give
-    # the same bytes: this checks the msgpack types of the table, not only the Python ones.
-    assert msgpack.packb(message, use_bin_type=True) == raw, "not the documented encoding"
+    ordered = {key: message[key] for key in TABLE_ORDER}
+    ordered["tensors"] = {name: message["tensors"][name] for name in meta["schema"]}
+    packed = msgpack.packb(ordered, use_bin_type=True)  # a Python float: float 64
+    return type(message["t"]) is float and packed == raw
 
-    assert is_int(message["v"]) and message["v"] == 1
-    assert message["fp"] == meta["fingerprint"]
-    assert message["split"] == split
-    assert is_int(message["stage"]) and 0 <= message["stage"] < len(meta["stages"][split])
-    assert is_int(message["producer"]) and message["producer"] >= 0
-    if split == "val":
-        assert message["producer"] == 0
-    assert is_int(message["seq"]) and message["seq"] >= 0
-    assert type(message["t"]) is float
 
-    tensors = message["tensors"]
-    assert isinstance(tensors, dict) and set(tensors) == set(meta["schema"]), tensors.keys()
-    message["tensors"] = {
-        name: decode_tensor(name, value, meta["schema"][name]) for name, value in tensors.items()
-    }
-    return message
+def reconstruct(message: dict, meta: dict) -> list[str]:
+    inputs, labels = message["tensors"]["input"][0], message["tensors"]["labels"][0]
+    original = np.where(labels != meta["label_ignore_value"], labels, inputs)
+    return ["".join(meta["itos"][i] for i in row) for row in original]
+
+
+def sticky_count(meta: dict, stage: dict) -> int:
+    length = meta["block_size"]
+    return min(length, math.ceil(stage["target_masked_ratio"] * length - 1e-9))
+
+
+# --- the conformance set ------------------------------------------------------------------------
+
+VECTORS = Path(__file__).resolve().parent / "vectors"
+INDEX = json.loads((VECTORS / "index.json").read_text(encoding="utf-8"))
+
+
+def vector_meta() -> dict:
+    return json.loads((VECTORS / INDEX["meta"]).read_text(encoding="utf-8"))
+
+
+def vector_entry(vector: dict) -> dict[bytes, bytes]:
+    fields = {}
+    for name, value in vector["entry"].items():
+        if "file" in value:
+            fields[name.encode()] = (VECTORS / value["file"]).read_bytes()
+        else:
+            fields[name.encode()] = base64.b64decode(value["base64"])
+    return fields
+
+
+def test_conformance_contract():
+    meta = vector_meta()
+    check_contract(meta)
+    body = {key: value for key, value in meta.items() if key not in UNFINGERPRINTED}
+    hashed = (VECTORS / INDEX["contract_canonical"]).read_bytes()
+    assert canonical_contract(body) == hashed
+    assert hashlib.sha256(hashed).hexdigest()[:16] == meta["fingerprint"]
+    assert INDEX["max_message_bytes"] == size_limit(meta)
+
+    # As JavaScript's JSON.parse reads it (a whole-number float becomes an integer), the
+    # contract hashes differently: why the page makes comparing fp the check.
+    def as_javascript(text: str) -> float | int:
+        number = float(text)
+        return int(number) if number.is_integer() else number
+
+    text = (VECTORS / INDEX["meta"]).read_text(encoding="utf-8")
+    assert contract_fingerprint(json.loads(text, parse_float=as_javascript)) != meta["fingerprint"]
+
+
+@pytest.mark.parametrize("vector", INDEX["valid"], ids=lambda v: v["name"])
+def test_conformance_valid_vector(vector):
+    meta = vector_meta()
+    fields = vector_entry(vector)
+    message = check_entry(fields, meta, vector["stream"])
+    assert {key: message[key] for key in vector["message"]} == vector["message"]
+    for name, want in vector["tensors"].items():
+        array, data = message["tensors"][name]
+        assert [array.dtype.name, list(array.shape)] == [want["dtype"], want["shape"]]
+        assert hashlib.sha256(data).hexdigest() == want["sha256"]
+    rows = reconstruct(message, meta)
+    assert rows == vector["rows"]
+    corpus = (VECTORS / INDEX["corpus"]).read_bytes().decode("utf-8")
+    assert all(row in corpus for row in rows)
+    assert hashlib.sha256(corpus.encode("utf-8")).hexdigest() == meta["corpus_sha256"]
+    labels = message["tensors"]["labels"][0]
+    selected = (labels != meta["label_ignore_value"]).sum(axis=1).tolist()
+    assert selected == vector["selected_per_row"]
+    stage = meta["stages"][message["split"]][message["stage"]]
+    assert stage["type"] == vector["stage_type"]
+    if stage["type"] == "sticky":
+        assert selected == [sticky_count(meta, stage)] * len(rows)
+    assert is_canonical(fields[b"d"], meta) == vector["canonical"]
+
+
+@pytest.mark.parametrize("vector", INDEX["invalid"], ids=lambda v: v["name"])
+def test_conformance_invalid_vector(vector):
+    with pytest.raises(Refused) as refused:
+        check_entry(vector_entry(vector), vector_meta(), vector["stream"])
+    assert refused.value.reason == vector["reason"], str(refused.value)
+
+
+# --- the rates of the page's formulas -------------------------------------------------------------
+
+
+@dataclass
+class StageRates:
+    """What one stage of a live stream produced."""
+
+    stage: dict
+    length: int
+    shares: list[float] = field(default_factory=list)  # selected share per row
+    counts: list[int] = field(default_factory=list)  # selected per row
+    selected: int = 0
+    masked: int = 0
+    unchanged: int = 0
+
+
+def five_sigma(observed: float, expected: float, variance: float, what: str) -> None:
+    tolerance = 5 * math.sqrt(variance) + 1e-9
+    assert abs(observed - expected) <= tolerance, f"{what}: {observed:.4f}, expected {expected:.4f}"
+
+
+def check_rates(rates: StageRates, n_real: int) -> None:
+    """Selection and corruption of one stage against "Selection, per stage type"."""
+    stage, length, rows = rates.stage, rates.length, len(rates.shares)
+    mean = float(np.mean(rates.shares))
+    kind = stage["type"]
+    if kind == "bernoulli":
+        p = stage["masked_ratio"]
+        five_sigma(mean, p, p * (1 - p) / (length * rows), f"{stage}: selected share")
+    elif kind == "random":
+        m = stage["max_masked_ratio"]
+        variance = m * m / 12 + (m / 2 - m * m / 3) / length
+        five_sigma(mean, m / 2, variance / rows, f"{stage}: selected share")
+    elif kind == "span":
+        n, i = stage["spans_count"], np.arange(length)
+        expected = float(np.mean((1 - (1 - 2 * (i + 1) / (length + 1)) ** (2 * n)) / 2))
+        variance = max(float(np.var(rates.shares)), 1e-4)
+        five_sigma(mean, expected, variance / rows, f"{stage}: selected share")
+    elif kind == "sticky":
+        k = min(length, math.ceil(stage["target_masked_ratio"] * length - 1e-9))
+        off = [count for count in rates.counts if count != k]
+        # Exactly k per row. One row may come out fully selected: the producer's trimming
+        # (shared/masking.py, _keep_at_most) keeps float32 keys tied at its cut-off, about
+        # one row in 70,000 at T = 1024; more than one, or any other count, fails.
+        assert len(off) <= 1 and all(count == length for count in off), (stage, k, off)
+
+    if kind == "span":
+        assert rates.masked == rates.selected, f"{stage}: a span position is not [MASK]"
+    elif rates.selected:
+        n = rates.selected
+        for observed, p, what in (
+            (rates.masked, 0.8, "[MASK]"),
+            (rates.unchanged, 0.1 + 0.1 / n_real, "unchanged (the random 10% included)"),
+            (n - rates.masked - rates.unchanged, 0.1 * (n_real - 1) / n_real, "replaced"),
+        ):
+            five_sigma(observed / n, p, p * (1 - p) / n, f"{stage}: {what}")
+
+
+def collect_rates(messages: list[dict], meta: dict) -> dict[str, StageRates]:
+    """Per distinct stage (its JSON), the rows of every message that used it."""
+    by_stage: dict[str, StageRates] = {}
+    mask, ignore = meta["mask_token_id"], meta["label_ignore_value"]
+    for message in messages:
+        stage = meta["stages"][message["split"]][message["stage"]]
+        key = json.dumps(stage, sort_keys=True)
+        rates = by_stage.setdefault(key, StageRates(stage, meta["block_size"]))
+        inputs, labels = message["tensors"]["input"][0], message["tensors"]["labels"][0]
+        selected = labels != ignore
+        rates.counts += selected.sum(axis=1).tolist()
+        rates.shares += selected.mean(axis=1).tolist()
+        rates.selected += int(selected.sum())
+        rates.masked += int((inputs[selected] == mask).sum())
+        rates.unchanged += int((inputs[selected] == labels[selected]).sum())
+    return by_stage
+
+
+# --- a live producer ----------------------------------------------------------------------------
 
 
 def read_stream(client: redis.Redis, key: str, meta: dict, split: str) -> list[dict]:
     messages = []
     for _entry_id, fields in client.xrange(key):
-        assert set(fields) == {b"d"}, fields.keys()
-        messages.append(decode_message(fields[b"d"], meta, split))
+        message = check_entry(fields, meta, split)
+        assert is_canonical(fields[b"d"], meta), "not what the page says producers write"
+        if split == "val":
+            assert message["producer"] == 0
+        messages.append(message)
     return messages
 
 
-# --- the char-diffusion checks ----------------------------------------------------------------
-
-
-@dataclass
-class MaskCounts:
-    selected: int = 0
-    masked: int = 0
-
-
-def check_char_diffusion(message: dict, meta: dict, corpus: str, counts: MaskCounts) -> None:
-    itos, mask_id, ignore = meta["itos"], meta["mask_token_id"], meta["label_ignore_value"]
-    shape = [meta["batch_size"], meta["block_size"]]
-    inputs, labels = message["tensors"]["input"], message["tensors"]["labels"]
-    for tensor in (inputs, labels):
-        assert list(tensor.shape) == shape
-        # The smallest unsigned dtype holding every token id plus one spare value.
-        assert tensor.dtype.kind == "u" and np.iinfo(tensor.dtype).max >= len(itos)
-        if len(itos) <= 255:
-            assert tensor.dtype == np.uint8, f"{len(itos)} vocabulary entries, {tensor.dtype}"
-        assert ignore == np.iinfo(tensor.dtype).max
-
+def check_char_diffusion(message: dict, meta: dict, corpus: str) -> None:
+    """The producer's token rules, beyond what a consumer checks."""
+    mask, ignore = meta["mask_token_id"], meta["label_ignore_value"]
+    inputs, labels = message["tensors"]["input"][0], message["tensors"]["labels"][0]
     selected = labels != ignore
-    assert (labels[selected] < mask_id).all(), "a label is not a real character"
-    assert (inputs <= mask_id).all(), "an input id is outside the vocabulary"
-    assert not (inputs[~selected] == mask_id).any(), "[MASK] at an unselected position"
-
-    original = np.where(selected, labels, inputs)
-    assert (original[~selected] == inputs[~selected]).all()
-    assert (original < mask_id).all(), "[MASK] survived the reconstruction"
-    for row in original:
-        text = "".join(itos[i] for i in row)
-        assert len(text) == meta["block_size"]
+    assert not (inputs[~selected] == mask).any(), "[MASK] at an unselected position"
+    for text in reconstruct(message, meta):
+        assert "[MASK]" not in text and len(text) == meta["block_size"]
         assert text in corpus, f"reconstructed window is not in the corpus: {text!r}"
-
-    counts.selected += int(selected.sum())
-    counts.masked += int((inputs[selected] == mask_id).sum())
 
 
 def check_sequences(messages: list[dict]) -> None:
     """``seq`` counts from 0 within (split, producer), in stream order."""
-    by_producer: dict[int, list[int]] = {}
+    by_producer: dict[int, list[int]] = defaultdict(list)
     for message in messages:
-        by_producer.setdefault(message["producer"], []).append(message["seq"])
+        by_producer[message["producer"]].append(message["seq"])
     for producer, seqs in by_producer.items():
         assert seqs == list(range(len(seqs))), (producer, seqs)
 
@@ -209,40 +517,40 @@ def produce_and_decode(
 
     corpus = corpus_path.read_bytes().decode("utf-8")
     meta = read_meta(client, ns)
+    assert meta["corpus_sha256"] == hashlib.sha256(corpus_path.read_bytes()).hexdigest()
     assert client.get(f"{ns}:val:done").decode() == meta["fingerprint"]
 
     train = read_stream(client, f"{ns}:train", meta, "train")
     val = read_stream(client, f"{ns}:val", meta, "val")
-    assert len(train) >= backlog
+    assert len(train) >= backlog and len(val) == meta["val_batches"]
     for message in train + val:
         assert started - 1 <= message["t"] <= finished + 1, message["t"]
+        check_char_diffusion(message, meta, corpus)
     check_sequences(train)
     check_sequences(val)
-
-    counts = MaskCounts()
-    for message in train + val:
-        check_char_diffusion(message, meta, corpus, counts)
-    # At least 80% of the selected positions become [MASK] ("span" stages: all of them);
-    # allow five standard deviations of a binomial sample below that.
-    assert counts.selected > 0
-    floor = 0.8 - 5 * math.sqrt(0.8 * 0.2 / counts.selected)
-    assert counts.masked / counts.selected >= floor, counts
+    for rates in collect_rates(train + val, meta).values():
+        check_rates(rates, n_real=len(meta["itos"]) - 1)
     return meta, train, val
 
 
 # --- the tests ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_decode_shakespeare_char_diffusion(redis7, shakespeare, start_producer):
+    """The reference preset: sticky, random (two ratios) and span stages."""
     args = [f"--redis_url={redis7.url}", "--preset=char_diffusion", "--val_batches=4"]
-    meta, _, val = produce_and_decode(
+    meta, train, val = produce_and_decode(
         redis7.client(), start_producer, args, shakespeare, "wiretest", backlog=32
     )
-    assert len(val) == 4
     assert set(meta["schema"]) == {"input", "labels"}
+    kinds = {meta["stages"][m["split"]][m["stage"]]["type"] for m in train + val}
+    assert kinds == {"sticky", "random", "span"}
 
 
+@pytest.mark.slow
 def test_decode_non_ascii_corpus(redis7, tmp_path, start_producer):
+    """No stages configured: one bernoulli stage at mask_probability."""
     lines = [
         f"{i:03d} héllo wörld ☃ naïve café — straße 日本語 🙂 ﬁn e\u0301 Ωmega ¿qué?\n"
         for i in range(200)
@@ -266,8 +574,12 @@ def test_decode_non_ascii_corpus(redis7, tmp_path, start_producer):
         "input": {"dtype": "uint8", "shape": [3, 50]},
         "labels": {"dtype": "uint8", "shape": [3, 50]},
     }
+    assert meta["stages"]["train"] == [
+        {"val_loss_stale_count": None, "type": "bernoulli", "masked_ratio": 0.15}
+    ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "characters",
     [
@@ -292,3 +604,38 @@ def test_token_dtype_at_the_uint8_boundary(redis7, tmp_path, start_producer, cha
     assert len(meta["itos"]) == characters + 1
     assert meta["schema"]["input"]["dtype"] == token_dtype.name
     assert meta["label_ignore_value"] == np.iinfo(token_dtype).max
+
+
+@pytest.mark.slow
+def test_selection_and_corruption_rates_of_every_stage_type(redis7, tmp_path, start_producer):
+    """Enough rows of one stage of each type (about 1,000 each) for the page's formulas to
+    be told apart from near misses; eight characters, so that the random tenth's draws of
+    the original (1 in 8) show: 11.25% unchanged, not 10%."""
+    corpus = tmp_path / "eight.txt"
+    corpus.write_text("".join(random.Random(0).choices("abcdefg\n", k=30_000)))
+    stages = [
+        {"type": "random", "max_masked_ratio": 0.5},
+        {
+            "type": "sticky",
+            "target_masked_ratio": 0.4,
+            "p1_probability": 0.15,
+            "p2_probability": 0.3,
+        },
+        {"type": "span", "spans_count": 4},
+        {"type": "bernoulli", "masked_ratio": 0.15},
+    ]
+    args = [
+        f"--redis_url={redis7.url}",
+        "--batch_size=64",
+        "--block_size=128",
+        "--val_batches=4",
+        f"--unmasking_stages={json.dumps(stages)}",
+    ]
+    meta, train, _ = produce_and_decode(
+        redis7.client(), start_producer, args, corpus, "wiretest4", backlog=64
+    )
+    rows = collect_rates(train, meta)
+    assert sorted(rates.stage["type"] for rates in rows.values()) == sorted(
+        s["type"] for s in stages
+    )
+    assert min(len(rates.counts) for rates in rows.values()) >= 64 * 64 // 4
