@@ -22,8 +22,8 @@ from shared.streams import PAYLOAD_FIELD
 REASONS = (
     "bad_entry_fields",  # the entry's fields are not exactly {d}
     "oversized",  # longer than the schema allows, refused before parsing
-    "malformed",  # not one msgpack map, or fields missing, or trailing bytes
-    "wrong_type",  # a field or map key of the wrong type
+    "malformed",  # not one msgpack value (or past a limit), fields missing, split unknown
+    "wrong_type",  # the message, a field or a map key of the wrong type
     "duplicate_key",  # a map key twice
     "unknown_field",  # a top-level key the format does not define
     "unsupported_version",  # v is not 1
