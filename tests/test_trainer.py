@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections import Counter
 from pathlib import Path
 
 import msgpack
@@ -22,9 +21,10 @@ import torch
 from services.trainer.checkpoint import Checkpoint, CheckpointError
 from services.trainer.feed import MicroBatch
 from services.trainer.train import Dist, Trainer, learning_rate, wait_for_contract
-from shared.codec import Batch, decode, encode
+from shared.codec import Batch, encode
 from shared.settings import TrainerConfig, load_settings
 from shared.streams import PAYLOAD_FIELD, StreamKeys, connect
+from tests.accounting import acked_entries, close_accounts
 from tests.helpers import REPO, SMALL_RECIPE, wait_until
 
 pytestmark = pytest.mark.slow
@@ -67,58 +67,6 @@ def run_trainer(world: int, args: list[str], log: Path, timeout: float = 300) ->
     text = log.read_text()
     assert code == 0, text[-3000:]
     return text
-
-
-def acked_entries(ack_log: Path) -> Counter:
-    """(producer, seq) -> times acked, over every rank's audit file."""
-    counts: Counter = Counter()
-    for path in ack_log.parent.glob(ack_log.name + ".rank*"):
-        for line in path.read_text().splitlines():
-            producer, seq, _entry = line.split()
-            counts[(int(producer), int(seq))] += 1
-    return counts
-
-
-def dead_lettered(client) -> Counter:
-    """(producer, seq) -> dead-letter records of training entries that named them."""
-    return Counter(
-        (int(fields[b"producer"]), int(fields[b"seq"]))
-        for _, fields in client.xrange(KEYS.dead)
-        if b"producer" in fields and fields[b"source"] == KEYS.train.encode()
-    )
-
-
-def close_accounts(client, acked: Counter) -> dict[str, int]:
-    """produced = acked once + dead-lettered + still queued (pending or
-    waiting), for every sequence number. Producers must be stopped."""
-    produced = {
-        (int(p), seq)
-        for p, last in client.hgetall(KEYS.produced).items()
-        for seq in range(int(last) + 1)
-    }
-    in_stream = Counter(
-        (b.producer, b.seq)
-        for _, fields in client.xrange(KEYS.train)
-        for b in [decode(fields[PAYLOAD_FIELD])]
-    )
-    dead = dead_lettered(client)
-    dead_produced = {key for key in dead if key in produced}  # not hand-made poison
-    assert max(acked.values(), default=1) == 1, "an entry was acked twice"
-    assert max(in_stream.values(), default=1) == 1, "an entry is in the stream twice"
-    assert not set(acked) & set(in_stream), "an acked entry is still in the stream"
-    assert not dead_produced & (set(acked) | set(in_stream)), "dead-lettered yet trained on"
-    assert set(acked) | set(in_stream) | dead_produced == produced, (
-        f"lost: {sorted(produced - set(acked) - set(in_stream) - dead_produced)[:10]}, "
-        f"unexpected: {sorted((set(acked) | set(in_stream)) - produced)[:10]}"
-    )
-    pending = sum(g["pending"] for g in client.xinfo_groups(KEYS.train))
-    return {
-        "produced": len(produced),
-        "dead": len(dead_produced),
-        "acked": len(acked),
-        "in_stream": len(in_stream),
-        "pending": pending,
-    }
 
 
 def start_two_producers(start_producer, url: str, corpus: Path, extra: list[str] = ()):

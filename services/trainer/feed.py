@@ -95,17 +95,22 @@ class StreamFeed:
     # ---------------------------------------------------------- the thread
 
     def start(self) -> None:
-        self.reader.setup(start_id="0")
         self._thread.start()
 
     def _run(self) -> None:
         backoff = Backoff(cap=2.0)
-        reclaimed = False
+        joined = reclaimed = False
         next_sweep = time.monotonic() + DEPARTED_SWEEP_S
         # The first rank takes over what ranks outside this world left pending.
         live = {f"rank{r}" for r in range(self.world)} if self.consumer == "rank0" else None
         while not self._stop.is_set():
             try:
+                if not joined:
+                    # Here, not in start(): a full Redis refuses XGROUP CREATE
+                    # until acks free memory, and that must be waited out too.
+                    self.reader.setup(start_id="0")
+                    joined = True
+                    continue
                 if not reclaimed:
                     delivered = self.reader.reclaim(self.reclaim_idle_ms)
                     self._count_reclaimed(delivered)
