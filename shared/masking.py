@@ -121,11 +121,12 @@ def _keep_at_most(rng: np.random.Generator, chosen: np.ndarray, limit: np.ndarra
     sub = chosen[rows]
     keys = rng.random(sub.shape, dtype=np.float32)
     keys[~sub] = 2.0  # never kept
-    # The limit[i]-th smallest key of each row is that row's cut-off.
-    cutoff = np.sort(keys, axis=1)[np.arange(rows.size), limit[rows] - 1]
-    chosen[rows] = sub & (keys <= cutoff[:, None])
-    # limit 0 indexes position -1 above: a row that may keep nothing keeps nothing.
-    chosen[rows[limit[rows] == 0]] = False
+    # Keep the limit[i] smallest keys by rank, not by comparing with a cut-off
+    # value: float32 keys tie now and then, and a tie must not keep one more.
+    order = np.argsort(keys, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(sub.shape[1])[None, :], axis=1)
+    chosen[rows] = sub & (rank < limit[rows][:, None])
 
 
 def select_spans(rng: np.random.Generator, shape: tuple[int, int], spans_count: int) -> np.ndarray:

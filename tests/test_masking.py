@@ -13,6 +13,7 @@ from shared.masking import (
     Stage,
     StageCycle,
     StickyStage,
+    _keep_at_most,
     mask_windows,
     select_random,
     select_spans,
@@ -232,3 +233,17 @@ def test_stage_cycle_orders_differ_between_cycles():
 def test_invalid_stages_are_refused(value, message):
     with pytest.raises(ValidationError, match=message):
         TypeAdapter(Stage).validate_python(value)
+
+
+class _TiedKeys:
+    """A generator whose every draw is the same number: every key ties."""
+
+    def random(self, shape, dtype=np.float64):
+        return np.zeros(shape, dtype=dtype)
+
+
+def test_trimming_keeps_exactly_the_limit_when_keys_tie():
+    chosen = np.ones((3, 10), dtype=bool)
+    limit = np.array([0, 4, 10])
+    _keep_at_most(_TiedKeys(), chosen, limit)
+    assert chosen.sum(axis=1).tolist() == [0, 4, 10]
