@@ -7,8 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-producer bench-trainer bench-autoscaler producer trainer sample clean
-.PHONY: up down scale logs train-gpu test-containers test-autoscale
+.PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler producer trainer sample clean
+.PHONY: up down scale logs train-gpu test-containers test-autoscale test-docker
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -24,11 +24,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install ## the main job here: private Redis, 2 producers, a CPU trainer, a sample (CORPUS_PATH=file.txt: local corpus)
 	$(PY) -m services.local --preset=tiny $(ARGS)
 
-test: install ## run every test (real redis-server; slow ones included)
+test: install ## every test but the container and chaos suites (real redis-server; slow ones included)
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install ## the quick tests only (skips those marked slow)
 	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+
+test-chaos: install ## chaos suite: Redis and process faults against a real trainer
+	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
 	$(PY) -m ruff check .
@@ -58,17 +61,27 @@ trainer: install ## one trainer process against REDIS_URL (ARGS="--key=value ...
 sample: install ## text from a checkpoint (CKPT=runs/tiny/ckpt.pt, ARGS="--prompt=... --show_steps")
 	$(PY) -m services.trainer.sample --checkpoint=$(or $(CKPT),runs/tiny/ckpt.pt) $(ARGS)
 
-# ---- containers: `docker compose` where a Docker engine answers, else podman-compose
-# (deploy/docker/compose.sh says what to install when neither is there).
+# ---- containers: `docker compose` (Compose v2) where a Docker engine answers, else
+# podman-compose; deploy/docker/compose.sh says which it uses, and what to install when
+# neither is there (COMPOSE_ENGINE=docker|podman chooses on a machine with both).
 COMPOSE := deploy/docker/compose.sh
 N ?= 4
 PODMAN_COMPOSE_SPEC ?= podman-compose==1.6.0
+# AIRGAP=1: no registry. Every image is built on a local Debian base (deploy/compose/airgap.yml;
+# `make up` first makes the base with deploy/docker/debian-base.sh, as root, on the engine
+# compose.sh picks). Set CORPUS_FILE to a local text file; put a torch CPU wheel in
+# deploy/docker/wheels and set TORCH_CPU_INDEX_URL= to build the CPU trainer offline.
+AIRGAP ?=
+ifneq ($(AIRGAP),)
+export COMPOSE_FILES := docker-compose.yml:deploy/compose/airgap.yml
+endif
 
-up: .env ## start the stack: Redis, producers, CPU trainer, exporter, Prometheus :9090, Grafana :3000
+up: .env ## start the stack: Redis, producers, CPU trainer, exporter, Prometheus :9090, Grafana :3000 (AIRGAP=1: no registry)
+	$(if $(AIRGAP),deploy/docker/debian-base.sh)
 	$(COMPOSE) up -d --build
 	@echo "Grafana: http://localhost:3000 (anonymous viewer; admin login in .env), Prometheus: http://localhost:9090"
 
-down: ## stop the stack, remove its containers (ARGS=-v: and its volumes)
+down: ## stop the stack, remove its containers; Redis's data stays (ARGS=-v: every volume emptied)
 	$(COMPOSE) down --remove-orphans $(ARGS)
 
 scale: .env ## run N producer replicas (make scale N=4)
@@ -87,11 +100,16 @@ $(VENV)/.podman-compose: $(VENV)/.installed
 	$(PY) -m pip install --quiet "$(PODMAN_COMPOSE_SPEC)"
 	@touch $@
 
+# The container tests run on the engine MASKSTREAM_ENGINE names (podman or docker).
 test-containers: install $(VENV)/.podman-compose ## container test: images on a local Debian base, stack up (2->3 producers, CPU trainer), checked in Prometheus; root + podman
-	MASKSTREAM_CONTAINER_TEST=1 $(PY) -m pytest tests/test_containers.py $(PYTEST_ARGS)
+	MASKSTREAM_CONTAINER_TEST=1 MASKSTREAM_ENGINE=podman $(PY) -m pytest tests/test_containers.py $(PYTEST_ARGS)
 
 test-autoscale: install $(VENV)/.podman-compose ## autoscaler test: the stack on Podman's Docker API, 1 starved producer scaled up, then back to the minimum; root + podman
-	MASKSTREAM_CONTAINER_TEST=1 $(PY) -m pytest tests/test_autoscale_containers.py $(PYTEST_ARGS)
+	MASKSTREAM_CONTAINER_TEST=1 MASKSTREAM_ENGINE=podman $(PY) -m pytest tests/test_autoscale_containers.py $(PYTEST_ARGS)
+
+test-docker: install ## both container tests on Docker Engine: a running dockerd, Compose v2 (docker compose); root
+	MASKSTREAM_CONTAINER_TEST=1 MASKSTREAM_ENGINE=docker $(PY) -m pytest \
+		tests/test_containers.py tests/test_autoscale_containers.py $(PYTEST_ARGS)
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

