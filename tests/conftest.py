@@ -24,12 +24,20 @@ CONTAINER_TESTS = os.environ.get("MASKSTREAM_CONTAINER_TEST") == "1"
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Container tests (root, podman, minutes of builds) run only under
-    ``make test-containers`` / ``make test-autoscale``, which set
-    MASKSTREAM_CONTAINER_TEST=1; elsewhere they are deselected, not skipped."""
-    if CONTAINER_TESTS:
-        return
-    chosen = [item for item in items if item.get_closest_marker("container") is None]
+    """Two suites run only when asked for; elsewhere they are deselected, not skipped:
+
+    - container tests (root, an engine, minutes of builds): under ``make test-containers``,
+      ``make test-autoscale`` and ``make test-docker``, which set MASKSTREAM_CONTAINER_TEST=1;
+    - chaos tests (faults against a real trainer): when the ``-m`` expression names the
+      ``chaos`` marker, as ``make test-chaos`` (``-m chaos``) does.
+    """
+    chaos_asked = "chaos" in (config.getoption("markexpr", "") or "")
+    unwanted = set()
+    if not CONTAINER_TESTS:
+        unwanted.add("container")
+    if not chaos_asked:
+        unwanted.add("chaos")
+    chosen = [item for item in items if not any(item.get_closest_marker(m) for m in unwanted)]
     if len(chosen) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in chosen])
         items[:] = chosen

