@@ -7,6 +7,7 @@ trainer exiting 0."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -30,7 +32,10 @@ class Trainer:
     """``python -m services.trainer.launch`` (torchrun, 2 gloo ranks) as a
     process group of its own, logging to a file."""
 
+    started: ClassVar[list[Trainer]] = []  # killed after each test, whatever happened
+
     def __init__(self, args: list[str], log: Path, world: int = 2) -> None:
+        Trainer.started.append(self)
         self.log = log
         self._out = open(log, "w")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
@@ -58,6 +63,22 @@ class Trainer:
         finally:
             self._out.close()
         return code
+
+
+@pytest.fixture(autouse=True)
+def no_trainer_outlives_its_test():
+    yield
+    while Trainer.started:
+        trainer = Trainer.started.pop()
+        if trainer.proc.poll() is None:
+            # The whole group: a rank whose torchrun died would wait for Redis forever.
+            with contextlib.suppress(ProcessLookupError):
+                trainer.signal_all(signal.SIGKILL)
+            trainer.wait(30)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(trainer.proc.pid, signal.SIGKILL)
+        trainer._out.close()
 
 
 def progress(trainer: Trainer, iteration: int, of: int, timeout: float = 120) -> None:

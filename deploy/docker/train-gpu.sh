@@ -67,8 +67,7 @@ native)
         exit 1
     }
     echo "train-gpu: torchrun on $("$py" -c 'import torch; print(torch.cuda.device_count())') GPU(s), preset $PRESET, redis $REDIS_URL"
-    exec "$py" -m torch.distributed.run --standalone --nproc_per_node=gpu \
-        -m services.trainer "$@"
+    exec "$py" -m services.trainer.launch --nproc_per_node=gpu "$@"
     ;;
 *)
     echo "train-gpu: TRAIN_GPU_MODE must be auto, container or native (not $mode)" >&2

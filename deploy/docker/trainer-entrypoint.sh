@@ -12,4 +12,6 @@ echo "trainer-entrypoint: init_from=$INIT_FROM, out_dir=${OUT_DIR:-runs/default}
 if [ "${NPROC_PER_NODE:-gpu}" = 1 ]; then
     exec python -m services.trainer "$@"
 fi
-exec torchrun --standalone --nproc_per_node="${NPROC_PER_NODE:-gpu}" -m services.trainer "$@"
+# The launcher runs torchrun and stops it cleanly: on SIGTERM the ranks checkpoint and the
+# container exits 0 (plain torchrun exits 1 after forwarding a SIGTERM).
+exec python -m services.trainer.launch --nproc_per_node="${NPROC_PER_NODE:-gpu}" "$@"

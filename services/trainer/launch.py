@@ -55,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     nproc = next((a.split("=", 1)[1] for a in argv if a.startswith("--nproc_per_node=")), None)
     settings = [a for a in argv if not a.startswith("--nproc_per_node=")]
-    if nproc is not None and not (nproc.isdigit() and int(nproc) >= 1):
-        print(f"launch: --nproc_per_node={nproc}: use a positive integer", file=sys.stderr)
+    if nproc is not None and nproc != "gpu" and not (nproc.isdigit() and int(nproc) >= 1):
+        print(
+            f"launch: --nproc_per_node={nproc}: use a positive integer, or gpu (one per GPU)",
+            file=sys.stderr,
+        )
         return ExitCode.CONFIG
     command = [
         sys.executable,
