@@ -106,6 +106,11 @@ def check_meta(keys: StreamKeys, stored: dict[str, Any], ours: dict[str, Any]) -
         raise ContractMismatch(keys.meta, diff)
 
 
+class Reconnected(redis.ConnectionError):
+    """The connection to Redis was re-established under a command; the owner
+    restores its state and tries again."""
+
+
 class ContractGuard:
     """A redis-py connect hook (``connect(..., on_connect=guard)``).
 
@@ -120,6 +125,11 @@ class ContractGuard:
         self.keys, self.meta = keys, meta
         self.payload = json.dumps(meta, ensure_ascii=False)
         self.connections = 0
+        # Set by the owner once its state in Redis is established. A new
+        # connection while armed fails its first command with Reconnected, so
+        # the owner restores its state (and checks what a restarted Redis
+        # kept) before it writes anything on the new connection.
+        self.armed = False
 
     def __call__(self, connection: redis.connection.AbstractConnection) -> None:
         connection.on_connect()
@@ -140,6 +150,9 @@ class ContractGuard:
             connection.disconnect()
             check_meta(self.keys, stored if isinstance(stored, dict) else {}, self.meta)
         self.connections += 1
+        if self.armed:
+            self.armed = False
+            raise Reconnected("reconnected to Redis: restoring state before writing again")
 
 
 def read_meta(client: redis.Redis, keys: StreamKeys) -> dict[str, Any] | None:

@@ -179,6 +179,41 @@ def test_survives_redis_restart(redis7, small_corpus, start_producer):
     assert "reconnected to Redis" in proc.output() or "lost Redis" in proc.output()
 
 
+def test_remakes_batches_a_replayed_redis_lost(redis7, small_corpus, start_producer):
+    """A host crash can cost Redis its last second of AOF: the newest entries and
+    the producer's record of them. On reconnecting, the producer starts again
+    after the last sequence number Redis has and makes the lost batches again,
+    identical, so no sequence number is missing."""
+    proc = start_producer(
+        *common(redis7.url, small_corpus), "--block_size=32", "--max_backlog=20", "--val_batches=3"
+    )
+    client = redis7.client()
+    wait_until(lambda: client.xlen(KEYS.train) >= 20, 60, "a full backlog")
+    newest = client.xrevrange(KEYS.train, count=5)
+    lost = {decode(fields[PAYLOAD_FIELD]).seq: fields for _, fields in newest}
+    # What a replayed AOF missing its last second looks like, and the producer's
+    # connection gone with the old server (frozen meanwhile, as it is while
+    # Redis restarts).
+    proc.proc.send_signal(signal.SIGSTOP)
+    pipe = client.pipeline(transaction=True)
+    pipe.xdel(KEYS.train, *[entry_id for entry_id, _ in newest])
+    pipe.hset(KEYS.produced, "0", min(lost) - 1)
+    pipe.execute()
+    client.client_kill_filter(_type="normal", skipme=True)
+    proc.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: client.xlen(KEYS.train) >= 20, 60, "the lost batches made again")
+    again = {b.seq: b for _, b in entries(client, KEYS.train)}
+    for seq, fields in lost.items():
+        before = decode(fields[PAYLOAD_FIELD])
+        assert seq in again, f"seq {seq} was not made again"
+        for name, array in before.tensors.items():
+            assert np.array_equal(again[seq].tensors[name], array), (seq, name)
+    seqs = sorted(again)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap
+    assert proc.terminate() == 0
+    assert "making" in proc.output()
+
+
 @pytest.mark.slow
 def test_backpressure_bounds_backlog_and_memory(redis7, shakespeare, start_producer):
     """Three producers, no consumer: the stream never passes max_backlog and

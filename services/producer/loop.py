@@ -194,8 +194,32 @@ class Producer:
                 self.train_stages,
                 self.settings.max_backlog,
             )
+        else:
+            self._rewind_to_redis()
         self.write_validation_set()
         self._poll_stage()
+        self.guard.armed = True
+
+    def _rewind_to_redis(self) -> None:
+        """After a reconnect: if Redis replayed an AOF that lacks our last
+        sends (a host crash loses up to a second), start again after the last
+        sequence number it has, so that the lost batches are made again (a
+        batch is a pure function of seed, producer and seq) instead of leaving
+        a gap. A Redis that lost everything (no record of this producer) keeps
+        our count: its backlog is gone, and repeating old batches would make
+        duplicates of ones already trained on."""
+        assert self.maker is not None
+        last = self.stream.last_seq(self.maker.producer_id)
+        first_unsent = self.seq - len(self.pending)
+        if last >= 0 and last + 1 < first_unsent:
+            log.warning(
+                "Redis has batches up to seq %d only; making %d..%d again",
+                last,
+                last + 1,
+                first_unsent - 1,
+            )
+            self.seq = last + 1
+            self.pending.clear()
 
     def _shutdown(self) -> None:
         try:
