@@ -76,6 +76,9 @@ class RunSettings(_Base):
         "maskstream", pattern=r"^[A-Za-z0-9_.\-]+$", description="prefix of every Redis key"
     )
     redis_url: str = Field("redis://localhost:6379/0", description="redis:// rediss:// or unix://")
+    redis_username: str | None = Field(
+        None, description="Redis ACL user of this service (unset: the URL's user, else default)"
+    )
     redis_password: SecretStr | None = Field(None, description="Redis password (never logged)")
     redis_password_file: Path | None = Field(
         None, description="file holding the Redis password (container secrets)"
@@ -251,6 +254,11 @@ class ModelSettings(_Base):
     n_head: int = Field(8, ge=1)
     n_embd: int = Field(512, ge=8)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    objective: Literal["diffusion", "ar"] = Field(
+        "diffusion",
+        description="diffusion: the bidirectional masked model; ar: the same network with a "
+        "causal mask and next-character loss, the baseline (fed by the same producers)",
+    )
 
     @model_validator(mode="after")
     def _consistent_shape(self) -> ModelSettings:
@@ -275,7 +283,17 @@ class TrainSettings(_Base):
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     gradient_accumulation_steps: int = Field(1, ge=1)
     eval_interval: int = Field(250, ge=1)
-    eval_iters: int = Field(200, ge=1)
+    eval_iters: int = Field(200, ge=1, description="validation batches evaluated (at most)")
+    loss_weighting: Literal["mean", "elbo"] = Field(
+        "mean",
+        description="loss on batches with a mask_ratio (uniform stages): the plain masked "
+        "mean, or the ELBO weighting (each row's masked cross-entropy sum / (t * length))",
+    )
+    elbo_nodes: int = Field(8, ge=1, description="Gauss-Legendre nodes of the validation ELBO")
+    elbo_draws: int = Field(1, ge=1, description="mask draws per node and window for the ELBO")
+    elbo_windows: int = Field(
+        64, ge=0, description="validation windows of periodic ELBOs (the final one: all; 0 = all)"
+    )
     log_interval: int = Field(10, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float16", description="autocast dtype on GPU (the CPU always trains in float32)"

@@ -113,6 +113,7 @@ def connect(
     url: str,
     password: str | None = None,
     *,
+    username: str | None = None,
     block_s: float = 0.0,
     retries: int = 3,
     on_connect: Callable[[Any], None] | None = None,
@@ -126,6 +127,7 @@ def connect(
         url,
         redis_connect_func=on_connect,
         password=password,
+        **({"username": username} if username else {}),
         socket_timeout=max(10.0, block_s + 5.0),
         socket_connect_timeout=2.0,
         socket_keepalive=True,
@@ -138,7 +140,9 @@ def connect(
 def client_for(settings: RunSettings, **options: Any) -> redis.Redis:
     """The one way a service builds its Redis client from its settings
     (``options`` as for :func:`connect`)."""
-    return connect(settings.redis_url, settings.password(), **options)
+    return connect(
+        settings.redis_url, settings.password(), username=settings.redis_username, **options
+    )
 
 
 class Backoff:
