@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler producer trainer sample clean
+.PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler bench-quality producer trainer sample clean
 .PHONY: up down scale logs train-gpu test-containers test-autoscale test-docker
 
 help: ## list the targets
@@ -41,7 +41,7 @@ format: install ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-producer bench-trainer bench-autoscaler ## every benchmark
+bench: bench-producer bench-trainer bench-autoscaler bench-quality ## every benchmark
 
 bench-producer: install ## producer masking/encoding, codec and Redis throughput on one core
 	$(PY) -m benchmarks.bench_producer
@@ -51,6 +51,9 @@ bench-trainer: install ## trainer tokens/s fed from Redis vs from memory, and it
 
 bench-autoscaler: install ## the autoscaler policy simulated against changing demand
 	$(PY) -m benchmarks.bench_autoscaler $(ARGS)
+
+bench-quality: install ## diffusion ELBO vs the autoregressive baseline's NLL, same preset and tokens (CORPUS_PATH=file.txt)
+	$(PY) -m benchmarks.bench_quality $(ARGS)
 
 producer: install ## one producer against REDIS_URL (pass settings as ARGS="--key=value ...")
 	$(PY) -m services.producer $(ARGS)

@@ -2,8 +2,8 @@
 
 A *stage* says which positions of a window are selected for prediction; the
 selected positions are then corrupted BERT-style (80% ``[MASK]``, 10% a random
-real token, 10% unchanged), except for ``span`` stages, which replace their
-spans by ``[MASK]`` outright. Everything here works on whole ``(B, T)`` arrays;
+real token, 10% unchanged), except for ``span`` and ``uniform`` stages, which
+replace their selection by ``[MASK]`` outright. Everything here works on whole ``(B, T)`` arrays;
 the only Python loop is over the rounds of a sticky stage, never over tokens or
 sequences.
 """
@@ -65,7 +65,19 @@ class SpanStage(_Stage):
     spans_count: int = Field(ge=1)
 
 
-AnyStage = RandomStage | BernoulliStage | StickyStage | SpanStage
+class UniformStage(_Stage):
+    """Continuous-time masked diffusion, the stage that trains on the ELBO:
+    each row draws its own ratio t from [min_ratio, 1] and replaces every
+    position by [MASK] with probability t ([MASK] only, no 80/10/10). The
+    draws are stratified: row i's t lies in the i-th of B equal slices of
+    [min_ratio, 1], and the rows are then shuffled. Batches of a contract with
+    such a stage carry each row's t as the ``mask_ratio`` tensor."""
+
+    type: Literal["uniform"]
+    min_ratio: float = Field(1e-3, gt=0.0, lt=1.0)
+
+
+AnyStage = RandomStage | BernoulliStage | StickyStage | SpanStage | UniformStage
 Stage = Annotated[AnyStage, Field(discriminator="type")]
 
 
@@ -140,7 +152,20 @@ def select_spans(rng: np.random.Generator, shape: tuple[int, int], spans_count: 
     return np.cumsum(delta.reshape(batch, length + 1)[:, :length], axis=1) > 0
 
 
+def select_uniform(
+    rng: np.random.Generator, shape: tuple[int, int], min_ratio: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(selected, t): stratified per-row ratios t in [min_ratio, 1], then each
+    position selected with its row's t."""
+    batch = shape[0]
+    strata = (np.arange(batch) + rng.random(batch)) / batch  # one draw per slice of [0, 1)
+    t = (min_ratio + (1.0 - min_ratio) * rng.permutation(strata)).astype(np.float32)
+    return rng.random(shape, dtype=np.float32) < t[:, None], t
+
+
 def select(rng: np.random.Generator, shape: tuple[int, int], stage: AnyStage) -> np.ndarray:
+    if isinstance(stage, UniformStage):
+        return select_uniform(rng, shape, stage.min_ratio)[0]
     if isinstance(stage, RandomStage):
         return select_random(rng, shape, stage.max_masked_ratio)
     if isinstance(stage, BernoulliStage):
@@ -182,13 +207,34 @@ def mask_windows(
     elsewhere, so ``where(labels != ignore_value, labels, inputs)`` is the
     original window.
     """
-    selected = select(rng, windows.shape, stage)
-    if isinstance(stage, SpanStage):
+    inputs, labels, _ratio = mask_windows_with_ratio(
+        rng, windows, stage, mask_id=mask_id, n_real=n_real, ignore_value=ignore_value
+    )
+    return inputs, labels
+
+
+def mask_windows_with_ratio(
+    rng: np.random.Generator,
+    windows: np.ndarray,
+    stage: AnyStage,
+    *,
+    mask_id: int,
+    n_real: int,
+    ignore_value: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`mask_windows`, plus each row's mask ratio (float32, (B,)): the
+    drawn t of a ``uniform`` stage, else the share of the row selected."""
+    if isinstance(stage, UniformStage):
+        selected, ratio = select_uniform(rng, windows.shape, stage.min_ratio)
+    else:
+        selected = select(rng, windows.shape, stage)
+        ratio = selected.mean(axis=1, dtype=np.float32)
+    if isinstance(stage, SpanStage | UniformStage):
         inputs = np.where(selected, windows.dtype.type(mask_id), windows)
     else:
         inputs = corrupt_bert(rng, windows, selected, mask_id, n_real)
     labels = np.where(selected, windows, windows.dtype.type(ignore_value))
-    return inputs, labels
+    return inputs, labels, ratio
 
 
 # ------------------------------------------------------------ stage choice

@@ -85,6 +85,10 @@ class EntryValidator:
         return batch
 
     def _check_tokens(self, tensors: dict[str, np.ndarray]) -> None:
+        ratio = tensors.get("mask_ratio")
+        # NaN fails both comparisons, so it is refused too.
+        if ratio is not None and ratio.size and not bool(((ratio >= 0.0) & (ratio <= 1.0)).all()):
+            raise CodecError("out_of_range", "mask_ratio holds values outside [0, 1]")
         if self.vocab_size is None:
             return
         inputs, labels = tensors.get("input"), tensors.get("labels")

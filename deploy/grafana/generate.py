@@ -535,6 +535,18 @@ def training() -> Board:
         min_val=None,
     )
     b.graph(
+        "Validation bits per character",
+        "none",
+        "Likelihood bound on the fixed validation windows in bits/char at the last evaluation: "
+        "the masked-diffusion ELBO, or the autoregressive baseline's NLL (objective=ar); "
+        "comparable with each other and with published figures.",
+        Query(
+            "max by (bound) (maskstream_trainer_val_bits_per_char)",
+            "{{bound}}",
+        ),
+        min_val=None,
+    )
+    b.graph(
         "Learning rate",
         "sci",
         "Learning rate of the last step (warmup, then cosine decay).",

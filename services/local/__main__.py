@@ -101,6 +101,15 @@ def report(settings: Settings) -> int:
         return ExitCode.FAILURE
     say(f"checkpoint {path} (iter {checkpoint.iter_num})")
     print(f"val loss {val_loss:.4f}", flush=True)
+    last = checkpoint.history[-1]
+    if "bits_per_char" in last:
+        kind = "AR NLL" if last.get("bound") == "ar_nll" else "ELBO"
+        print(
+            f"val {kind} {last['bits_per_char']:.4f} bits/char "
+            f"({last['nats_per_char']:.4f} ± {last['stderr_nats']:.4f} nats/char, "
+            f"{last['windows']} validation windows)",
+            flush=True,
+        )
     return ExitCode.OK
 
 

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             print("val loss: none (stopped before the first evaluation)", flush=True)
         else:
             print(f"val loss {result['val_loss']:.4f}", flush=True)
+            bound = result["bound"]
+            kind = "AR NLL" if settings.objective == "ar" else "ELBO"
+            print(f"val {kind} {bound.bits:.4f} bits/char ({bound})", flush=True)
     return ExitCode.OK
 
 

@@ -42,6 +42,7 @@ class MicroBatch:
     stage: int
     inputs: torch.Tensor  # (B, T) token ids, uint8 or int32, on the host
     labels: torch.Tensor  # (B, T), the wire's "ignore" sentinel where unselected
+    mask_ratio: torch.Tensor | None = None  # (B,) float32, when the contract carries it
 
 
 def to_host_tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
@@ -168,6 +169,11 @@ class StreamFeed:
             stage=batch.stage,
             inputs=to_host_tensor(batch.tensors["input"], self.pin),
             labels=to_host_tensor(batch.tensors["labels"], self.pin),
+            mask_ratio=(
+                torch.from_numpy(batch.tensors["mask_ratio"].copy())
+                if "mask_ratio" in batch.tensors
+                else None
+            ),
         )
 
     def _put(self, item: MicroBatch | BaseException) -> None:

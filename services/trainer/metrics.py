@@ -78,6 +78,13 @@ VAL_LOSS = Gauge(
     ["stage"],
     multiprocess_mode="livemax",
 )
+VAL_BITS = Gauge(
+    "maskstream_trainer_val_bits_per_char",
+    "Likelihood bound on the fixed validation windows in bits/char: the masked-diffusion "
+    "ELBO (bound=elbo) or the autoregressive baseline's NLL (bound=ar_nll)",
+    ["bound"],
+    multiprocess_mode="livemax",
+)
 LEARNING_RATE = Gauge(
     "maskstream_trainer_learning_rate", "Learning rate", multiprocess_mode="livemax"
 )

@@ -33,6 +33,9 @@ class ModelConfig:
     n_head: int = 8
     n_embd: int = 512
     dropout: float = 0.1
+    # False: the masked-diffusion model (every position sees every other).
+    # True: the same network as an autoregressive baseline (position t sees <= t).
+    causal: bool = False
 
     @classmethod
     def from_settings(
@@ -47,6 +50,7 @@ class ModelConfig:
             n_head=settings.n_head,
             n_embd=settings.n_embd,
             dropout=settings.dropout,
+            causal=settings.objective == "ar",
         )
 
 
@@ -83,6 +87,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
+        self.causal = config.causal
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.proj.is_residual_projection = True  # see MaskedLM._init_weights
@@ -95,7 +100,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=False, dropout_p=self.attn_dropout_p if self.training else 0.0
+            q, k, v, is_causal=self.causal, dropout_p=self.attn_dropout_p if self.training else 0.0
         )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -199,7 +204,7 @@ class MaskedLM(nn.Module):
         # value (torch.compile friendly).
         loss_sum = F.cross_entropy(
             logits.view(B * T, -1).float(),
-            targets.view(B * T),
+            targets.reshape(B * T),
             ignore_index=ignore_index,
             reduction="sum",
         )

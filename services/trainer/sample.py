@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from services.trainer.checkpoint import Checkpoint, CheckpointError
+from services.trainer.elbo import autoregressive_nll, bound_from, diffusion_elbo
 from services.trainer.model import MaskedLM
 from shared.corpus import CorpusError, load_corpus
 from shared.exit_codes import ExitCode
@@ -123,6 +126,7 @@ def generate(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     on_step: Callable[[int, Tensor], None] | None = None,
+    order: str = "confidence",
 ) -> Tensor:
     """The prompt followed by ``length`` generated tokens.
 
@@ -135,8 +139,12 @@ def generate(
     next step. Prompt tokens never change. ``on_step(step, ids)`` (step from 1)
     sees the sequence after each step's commits (with steps > length the
     steps left once nothing is masked are skipped). ``generator`` (on the model's
-    device, or CPU) makes the draws reproducible.
+    device, or CPU) makes the draws reproducible. ``order="random"`` commits
+    uniformly random masked positions instead of the most confident ones: the
+    model's own (ancestral) distribution, which repeats itself far less.
     """
+    if order not in ("confidence", "random"):
+        raise ValueError(f"order={order!r}: use confidence or random")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 1:
@@ -166,6 +174,11 @@ def generate(
             masked = ids == mask_id
             logits, _ = model(ids)
             tokens, confidence = _draw(logits, mask_id, temperature, top_k, generator)
+            if order == "random":
+                noise_device = generator.device if generator is not None else ids.device
+                confidence = torch.rand(
+                    ids.shape, dtype=torch.float64, generator=generator, device=noise_device
+                ).to(ids.device)
             # Only masked positions compete; every row has the same number masked.
             confidence = confidence.masked_fill(~masked, -math.inf)
             chosen = torch.topk(confidence, n_commit, dim=-1).indices
@@ -173,6 +186,54 @@ def generate(
             if on_step is not None:
                 on_step(step, ids if batched else ids[0])
     return ids if batched else ids[0]
+
+
+@torch.no_grad()
+def generate_autoregressive(
+    model: MaskedLM,
+    prompt_ids: Sequence[int],
+    length: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    mask_id: int,
+) -> Tensor:
+    """The prompt and ``length`` characters drawn one at a time from a causal
+    model (the autoregressive baseline), float64 Gumbel-max as above, never
+    [MASK]. Without a prompt it starts from the vocabulary's first character
+    (a newline in Tiny Shakespeare), which is not returned."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device).view(1, -1)
+    if ids.numel() == 0:  # no prompt: start from a newline, as nanoGPT does
+        ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+        start = 1
+    else:
+        start = 0
+    if ids.size(1) + length > model.config.block_size:
+        raise ValueError(
+            f"prompt + length = {ids.size(1) + length} exceeds block_size={model.config.block_size}"
+        )
+    with _evaluating(model):
+        for _ in range(length):
+            logits, _ = model(ids)
+            token, _ = _draw(logits[:, -1:], mask_id, temperature, top_k, generator)
+            ids = torch.cat([ids, token], dim=1)
+    return ids[0, start:]
+
+
+@torch.no_grad()
+def judge_nll(judge: MaskedLM, ids: Sequence[int], prompt_len: int) -> float:
+    """Mean negative log-likelihood (nats/char) of ``ids[prompt_len:]`` under a
+    causal ``judge`` model given everything before each character: the
+    "generative perplexity" is exp of it. The first character is given."""
+    device = next(judge.parameters()).device
+    x = torch.as_tensor(list(ids), dtype=torch.long, device=device).view(1, -1)
+    with _evaluating(judge):
+        logits, _ = judge(x[:, :-1])
+    ce = F.cross_entropy(logits[0].float(), x[0, 1:], reduction="none")
+    first = max(prompt_len - 1, 0)
+    return ce[first:].mean().item()
 
 
 # -------------------------------------------------------------- evaluation
@@ -229,22 +290,27 @@ def sample_entropy(text: str) -> float:
 
 
 def validation_windows(
-    checkpoint: Checkpoint, n_windows: int, window: int
+    checkpoint: Checkpoint, n_windows: int, window: int, corpus_path: Path | None = None
 ) -> tuple[np.ndarray, int]:
     """``n_windows`` evenly spaced windows of the validation split of the run's
     corpus, each min(window, len(val)) long; returns (windows, window length).
 
-    The corpus is read as the trainer read it: corpus_path, else the named
-    corpus from its URL/cache, split at train_val_split.
+    The corpus is read as the producers read it: ``corpus_path`` (else the
+    CORPUS_PATH environment variable), else the named corpus of the run's
+    contract from its URL/cache, split at the contract's train_val_split; the
+    vocabulary must be the checkpoint's.
     """
-    settings = checkpoint.settings
+    # The contract names the corpus; settings of older checkpoints may hold more.
+    settings = {**checkpoint.settings, **checkpoint.meta}
     defaults = DataSettings.model_fields
 
     def setting(key: str) -> Any:
         value = settings.get(key)
         return defaults[key].get_default() if value is None else value
 
-    corpus_path = settings.get("corpus_path")
+    corpus_path = (
+        corpus_path or checkpoint.settings.get("corpus_path") or os.environ.get("CORPUS_PATH")
+    )
     try:
         corpus = load_corpus(
             corpus_path=Path(corpus_path).expanduser() if corpus_path else None,
@@ -300,6 +366,34 @@ def _parser() -> argparse.ArgumentParser:
         "--mask_ratios", type=_ratios, default=None, help="e.g. 0.15,0.5,0.9: report accuracy"
     )
     parser.add_argument("--eval_windows", type=int, default=64, help="validation windows")
+    parser.add_argument(
+        "--order",
+        choices=("confidence", "random"),
+        default="confidence",
+        help="which masked positions a step commits: the most confident, or random ones",
+    )
+    parser.add_argument(
+        "--elbo",
+        action="store_true",
+        help="the likelihood bound on the run's validation split (diffusion ELBO, or a causal "
+        "checkpoint's NLL) in nats and bits per character",
+    )
+    parser.add_argument("--elbo_windows", type=int, default=256, help="windows for --elbo")
+    parser.add_argument(
+        "--corpus_path",
+        type=Path,
+        default=None,
+        help="the run's corpus file, for --elbo and --mask_ratios (default: CORPUS_PATH, "
+        "else the contract's named corpus, downloaded)",
+    )
+    parser.add_argument("--elbo_nodes", type=int, default=8, help="quadrature nodes for --elbo")
+    parser.add_argument(
+        "--judge",
+        type=Path,
+        default=None,
+        help="an autoregressive checkpoint (objective=ar): report the sample's NLL under it "
+        "(generative perplexity)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return parser
 
@@ -344,26 +438,64 @@ def _run(args: argparse.Namespace) -> None:
         f"{model.num_params() / 1e6:.2f}M parameters) on {device}"
     )
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = generate(
-        model,
-        [stoi[c] for c in args.prompt],
-        args.length,
-        args.steps,
-        mask_id=mask_id,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        generator=generator,
-        on_step=show if args.show_steps else None,
-    )
+    prompt_ids = [stoi[c] for c in args.prompt]
+    if model.config.causal:  # the autoregressive baseline: one character at a time
+        ids = generate_autoregressive(
+            model,
+            prompt_ids,
+            args.length,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            generator=generator,
+            mask_id=mask_id,
+        )
+    else:
+        ids = generate(
+            model,
+            prompt_ids,
+            args.length,
+            args.steps,
+            mask_id=mask_id,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            generator=generator,
+            on_step=show if args.show_steps else None,
+            order=args.order,
+        )
     text = decode(ids, "[MASK]")
-    print(f"-- sample: prompt {len(args.prompt)} + {args.length} generated characters --")
+    how = "autoregressive" if model.config.causal else f"{args.steps} steps, {args.order} order"
+    print(f"-- sample: prompt {len(args.prompt)} + {args.length} generated characters ({how}) --")
     print(text)
     print("--")
     generated = text[len(args.prompt) :]
     print(f"entropy of the generated text: {sample_entropy(generated):.3f} bits/char")
+    if args.judge is not None:
+        judge, judged = load_model(args.judge, device)
+        if not judge.config.causal or list(judged.itos) != itos:
+            raise SampleError(
+                f"--judge={args.judge} must be an autoregressive checkpoint (objective=ar) "
+                "with the same vocabulary"
+            )
+        nll = judge_nll(judge, ids.tolist(), len(args.prompt))
+        print(
+            f"judge NLL of the generated text: {nll:.4f} nats/char "
+            f"(generative perplexity {math.exp(nll):.3f}) under {args.judge}"
+        )
+    if args.elbo:
+        windows, _ = validation_windows(checkpoint, args.elbo_windows, block, args.corpus_path)
+        windows_t = torch.as_tensor(windows)
+        if model.config.causal:
+            bound = bound_from(autoregressive_nll(model, windows_t))
+            kind = "AR NLL"
+        else:
+            values = diffusion_elbo(
+                model, windows_t, mask_id, nodes=args.elbo_nodes, seed=args.seed
+            )
+            bound, kind = bound_from(values), "ELBO"
+        print(f"validation {kind}: {bound}")
 
     if args.mask_ratios:
-        windows, window = validation_windows(checkpoint, args.eval_windows, block)
+        windows, window = validation_windows(checkpoint, args.eval_windows, block, args.corpus_path)
         for ratio in args.mask_ratios:
             if round(ratio * window) < 1:
                 raise SampleError(f"mask ratio {ratio} masks no position of a {window}-long window")

@@ -36,6 +36,13 @@ from services.trainer.checkpoint import (
     checkpoint_path,
     unwrapped_state_dict,
 )
+from services.trainer.elbo import (
+    Bound,
+    autoregressive_nll,
+    bound_from_sums,
+    diffusion_elbo,
+    windows_of,
+)
 from services.trainer.feed import MicroBatch, StreamFeed, to_host_tensor
 from services.trainer.model import MaskedLM, ModelConfig
 from shared.codec import Batch
@@ -285,6 +292,13 @@ class Trainer:
         self._restore_progress(resume)
         self._build_feed()
         self.val_batches = self._load_validation()
+        # The original windows of the validation batches, for the likelihood bound.
+        self.val_windows = (
+            torch.cat([windows_of(x, y, self.ignore_value) for _, x, y in self.val_batches])
+            if self.val_batches
+            else torch.zeros((0, int(meta["block_size"])), dtype=torch.long)
+        )
+        self.last_bound: Bound | None = None
         self.rank_label = str(self.d.rank)
         self._fail_on = _fail_on()
         self._queue_observed = 0.0
@@ -308,6 +322,7 @@ class Trainer:
         # Producers decide whether batches follow the active stage; the
         # trainer's plateau control only matters when they do.
         self.all_stages = bool(meta["use_all_stages_for_training"])
+        self.mask_id = int(meta["mask_token_id"])
 
     def _load_resume(self) -> Checkpoint | None:
         if self.s.init_from != "resume":
@@ -326,7 +341,7 @@ class Trainer:
             self.s, vocab_size=int(self.meta["vocab_size"]), block_size=int(self.meta["block_size"])
         )
         if resume is not None:
-            shape = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+            shape = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "causal")
             ours = {k: getattr(self.model_config, k) for k in shape}
             theirs = {k: getattr(resume.model_config, k) for k in shape}
             if ours != theirs:
@@ -456,6 +471,31 @@ class Trainer:
         y = torch.where(y == self.ignore_value, torch.full_like(y, IGNORE_INDEX), y)
         return x, y
 
+    def _loss(self, mb: MicroBatch) -> torch.Tensor:
+        """The step's objective on one micro-batch.
+
+        ``objective=ar``: next-character cross-entropy on the original windows
+        (rebuilt from the batch as the wire format documents), causal model.
+        ``objective=diffusion``: cross-entropy on the selected positions; for
+        batches that carry ``mask_ratio`` with ``loss_weighting=elbo``, each
+        row's sum divided by t·L (the ELBO's weighting), averaged over rows."""
+        if self.s.objective == "ar":
+            original = windows_of(mb.inputs, mb.labels, self.ignore_value).to(
+                self.device, non_blocking=True
+            )
+            _, loss = self.model(original[:, :-1], original[:, 1:])
+            return loss
+        x, y = self._to_device(mb.inputs, mb.labels)
+        if self.s.loss_weighting == "elbo" and mb.mask_ratio is not None:
+            t = mb.mask_ratio.to(self.device, non_blocking=True).float()
+            logits, _ = self.model(x)
+            ce = F.cross_entropy(
+                logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            return (ce.sum(dim=1) / (t.clamp(min=1e-6) * y.shape[1])).mean()
+        _, loss = self.model(x, y, ignore_index=IGNORE_INDEX)
+        return loss
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -485,13 +525,11 @@ class Trainer:
             try:
                 if (mb.producer, mb.seq) in self._fail_on:
                     raise RuntimeError(f"{FAIL_ON_ENV} names producer {mb.producer} seq {mb.seq}")
-                x, y = self._to_device(mb.inputs, mb.labels)
                 sync = micro == accum - 1
                 no_sync = self.d.enabled and not sync
                 ctx = self.model.no_sync() if no_sync else contextlib.nullcontext()
                 with ctx, self._autocast():
-                    _, loss = self.model(x, y, ignore_index=IGNORE_INDEX)
-                    loss = loss / accum
+                    loss = self._loss(mb) / accum
                 self.scaler.scale(loss).backward()
                 total += loss.detach()
             except Exception as exc:
@@ -570,6 +608,39 @@ class Trainer:
         self.unacked_prev, self.held = [], []
 
     # --------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def likelihood_bound(self, windows: int) -> Bound:
+        """The validation likelihood bound in nats/char over the first
+        ``windows`` validation windows (0: all): the diffusion ELBO, or the AR
+        baseline's NLL. Ranks split the windows and add their sums; masks
+        depend only on the seed, so the figure is the same for any world."""
+        every = self.val_windows
+        chosen = every if windows <= 0 else every[:windows]
+        rows = slice(self.d.rank, None, self.d.world)
+        self.raw_model.eval()
+        with self._autocast():
+            if self.s.objective == "ar":
+                values = autoregressive_nll(self.raw_model, chosen, rows=rows)
+            else:
+                values = diffusion_elbo(
+                    self.raw_model,
+                    chosen,
+                    self.mask_id,
+                    nodes=self.s.elbo_nodes,
+                    draws=self.s.elbo_draws,
+                    seed=self.s.seed,
+                    rows=rows,
+                )
+        self.raw_model.train()
+        sums = torch.tensor(
+            [values.sum().item(), (values**2).sum().item(), float(values.numel())],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self.d.enabled:
+            dist.all_reduce(sums)
+        return bound_from_sums(sums[0].item(), sums[1].item(), int(sums[2].item()))
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, dict[int, float]]:
@@ -692,36 +763,70 @@ class Trainer:
                     self.wandb.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s}, step=p.iter_num)
                 t_last, wait_last, steps_since = now, self.feed.wait_s, 0
             if p.iter_num % s.eval_interval == 0 or p.iter_num == s.max_iters:
-                val_loss = self._evaluate_and_control()
+                val_loss = self._evaluate_and_control(final=p.iter_num == s.max_iters)
             if s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0:
                 self.checkpoint()
                 checkpointed_at = p.iter_num
         if checkpointed_at != p.iter_num:
             self.checkpoint()
         if math.isnan(val_loss) and not stopped_early:
-            val_loss = self._evaluate_and_control()
+            val_loss = self._evaluate_and_control(final=True)
         return {
             "iter_num": p.iter_num,
             "val_loss": val_loss,
+            "bound": self.last_bound,
             "acked": self.feed.acked,
             "double_acks": self.feed.double_acks,
             "dead_letters": self.feed.dead_letters,
             "reclaimed": self.feed.reclaimed,
         }
 
-    def _evaluate_and_control(self) -> float:
-        val_loss, per_stage = self.evaluate()
+    def _evaluate_and_control(self, final: bool = False) -> float:
+        """One evaluation: the loss on the validation batches (diffusion: per
+        stage) and the likelihood bound in bits/char; periodic ones use
+        ``elbo_windows`` windows, the final one all of them. Plateau control and
+        ``best_val_loss`` follow the validation loss (for ``objective=ar`` that is
+        the NLL itself)."""
+        bound = self.likelihood_bound(0 if final else self.s.elbo_windows)
+        if self.s.objective == "ar":
+            val_loss, per_stage = bound.nats, {}
+        else:
+            val_loss, per_stage = self.evaluate()
+        name = "ar_nll" if self.s.objective == "ar" else "elbo"
         p = self.progress
         p.best_val_loss = min(p.best_val_loss, val_loss)
-        p.history.append({"iter": p.iter_num, "val_loss": val_loss, "stage": self.stage.active})
+        p.history.append(
+            {
+                "iter": p.iter_num,
+                "val_loss": val_loss,
+                "stage": self.stage.active,
+                "bound": name,
+                "nats_per_char": bound.nats,
+                "bits_per_char": bound.bits,
+                "stderr_nats": bound.stderr,
+                "windows": bound.windows,
+            }
+        )
+        self.last_bound = bound
         if self.d.master:
             metrics.VAL_LOSS.labels("all").set(val_loss)
+            metrics.VAL_BITS.labels(name).set(bound.bits)
             for stage, value in per_stage.items():
                 metrics.VAL_LOSS.labels(str(stage)).set(value)
             stages = " ".join(f"{k}:{v:.3f}" for k, v in sorted(per_stage.items()))
-            log.info("iter %d: val loss %.4f (per stage %s)", p.iter_num, val_loss, stages)
+            log.info(
+                "iter %d: val loss %.4f%s; %s %s",
+                p.iter_num,
+                val_loss,
+                f" (per stage {stages})" if stages else "",
+                "ELBO" if name == "elbo" else "AR NLL",
+                bound,
+            )
             if self.wandb:
-                self.wandb.log({"val_loss": val_loss}, step=p.iter_num)
+                self.wandb.log(
+                    {"val_loss": val_loss, f"val_{name}_bits_per_char": bound.bits},
+                    step=p.iter_num,
+                )
         if not self.all_stages:
             # Patience comes from the contract: the stages the producers make.
             patience = self.meta["stages"]["train"][self.stage.active].get("val_loss_stale_count")

@@ -16,7 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from services.producer.provider import Provider
 from shared.codec import TensorSpec
 from shared.corpus import load_corpus
-from shared.masking import mask_windows
+from shared.masking import UniformStage, mask_windows_with_ratio
 from shared.settings import ProducerConfig, SettingsError
 
 
@@ -47,6 +47,9 @@ class CharDiffusionProvider(Provider):
             "val": sliding_window_view(self.corpus.val, block),
         }
         self._stages = {split: settings.stages(split) for split in ("train", "val")}
+        self._with_ratio = any(
+            isinstance(stage, UniformStage) for stages in self._stages.values() for stage in stages
+        )
 
     def meta(self) -> dict[str, Any]:
         s, tok = self.settings, self.tokenizer
@@ -70,7 +73,11 @@ class CharDiffusionProvider(Provider):
     def schema(self) -> dict[str, TensorSpec]:
         shape = (self.settings.batch_size, self.settings.block_size)
         dtype = self.tokenizer.dtype.name
-        return {"input": TensorSpec(dtype, shape), "labels": TensorSpec(dtype, shape)}
+        schema = {"input": TensorSpec(dtype, shape), "labels": TensorSpec(dtype, shape)}
+        if self._with_ratio:
+            # Each row's mask ratio t, which the ELBO-weighted loss divides by.
+            schema["mask_ratio"] = TensorSpec("float32", (self.settings.batch_size,))
+        return schema
 
     def stage_count(self, split: str) -> int:
         return len(self._stages[split])
@@ -79,7 +86,7 @@ class CharDiffusionProvider(Provider):
         windows_view = self._windows[split]
         starts = rng.integers(0, windows_view.shape[0], size=self.settings.batch_size)
         windows = windows_view[starts]  # (B, T) copy
-        inputs, labels = mask_windows(
+        inputs, labels, ratio = mask_windows_with_ratio(
             rng,
             windows,
             self._stages[split][stage],
@@ -87,6 +94,8 @@ class CharDiffusionProvider(Provider):
             n_real=self.tokenizer.n_real,
             ignore_value=self.tokenizer.ignore_value,
         )
+        if self._with_ratio:
+            return {"input": inputs, "labels": labels, "mask_ratio": ratio}
         return {"input": inputs, "labels": labels}
 
 

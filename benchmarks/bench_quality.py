@@ -1,0 +1,131 @@
+"""Model quality you can compare: the masked-diffusion model and the
+autoregressive baseline, trained one after the other by the same producers on
+the same preset and token budget, each through ``python -m services.local``.
+
+Prints each model's likelihood bound on the same validation windows (the
+diffusion ELBO and the AR NLL, nats and bits per character), their ratio,
+tokens and wall time, a sample of each, and the generative perplexity of
+diffusion samples at 64 and 128 unmasking steps under the AR model, beside the
+AR model's own samples. Run from the repository root::
+
+    python -m benchmarks.bench_quality                      # the tiny preset, CPU
+    python -m benchmarks.bench_quality --ar_learning_rate=1e-3 --max_iters=2000
+
+Any ``--key=value`` is a setting for both runs; ``--ar_<key>=value`` for the
+baseline only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = Path(os.environ.get("BENCH_QUALITY_DIR", "/tmp/maskstream-bench-quality"))
+SAMPLE_SEEDS = (1, 2, 3, 4)
+TARGET, GOAL = 1.15, 1.10  # ELBO / AR NLL: the acceptance bar and the published gap
+
+
+def run_local(name: str, args: list[str]) -> tuple[float, float, float, float, str]:
+    """Train with ``services.local``; returns (nats, stderr, bits, seconds, log)."""
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "services.local", *args, f"--out_dir={OUT / name}"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.monotonic() - started
+    if out.returncode != 0:
+        sys.exit(f"bench-quality: the {name} run failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+    found = re.search(
+        r"val (?:ELBO|AR NLL) ([\d.]+) bits/char \(([\d.]+) ± ([\d.]+) nats/char", out.stdout
+    )
+    if not found:
+        sys.exit(f"bench-quality: no bound in the {name} run's output:\n{out.stdout[-2000:]}")
+    bits, nats, stderr = (float(g) for g in found.groups())
+    return nats, stderr, bits, seconds, out.stdout
+
+
+def sample(checkpoint: Path, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "services.trainer.sample", f"--checkpoint={checkpoint}", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        sys.exit(f"bench-quality: sampling failed:\n{out.stderr[-2000:]}")
+    return out.stdout
+
+
+def sample_text(output: str) -> str:
+    return output.split(" --\n", 1)[1].split("\n--\n", 1)[0]
+
+
+def judged(output: str) -> float:
+    return float(re.search(r"judge NLL of the generated text: ([\d.]+)", output).group(1))
+
+
+def entropy(output: str) -> float:
+    return float(re.search(r"entropy of the generated text: ([\d.]+)", output).group(1))
+
+
+def main(argv: list[str]) -> int:
+    shared = [a for a in argv if not a.startswith("--ar_")]
+    ar_only = ["--" + a[len("--ar_") :] for a in argv if a.startswith("--ar_")]
+    if not any(a.startswith("--preset=") for a in shared):
+        shared = ["--preset=tiny", *shared]
+    corpus = os.environ.get("TINYSHAKESPEARE", str(REPO.parent / "shared/data/tinyshakespeare.txt"))
+    if Path(corpus).is_file() and not any(a.startswith("--corpus_path=") for a in shared):
+        shared.append(f"--corpus_path={corpus}")
+    print(f"bench-quality: {' '.join(shared)}; baseline also {' '.join(ar_only) or '(nothing)'}")
+
+    ar = run_local("ar", [*shared, "--objective=ar", *ar_only])
+    diffusion = run_local("diffusion", shared)
+    tokens = re.search(r"(\d+) tokens/step", diffusion[4])
+    iters = re.search(r"done at iter (\d+)", diffusion[4])
+    budget = int(tokens.group(1)) * int(iters.group(1)) if tokens and iters else 0
+
+    ar_ckpt, diff_ckpt = OUT / "ar" / "ckpt.pt", OUT / "diffusion" / "ckpt.pt"
+    judge = f"--judge={ar_ckpt}"
+    gen: dict[str, list[tuple[float, float]]] = {"ar": [], "diffusion 64": [], "diffusion 128": []}
+    shown: dict[str, str] = {}
+    for seed in SAMPLE_SEEDS:
+        out = sample(ar_ckpt, f"--seed={seed}", judge)
+        gen["ar"].append((judged(out), entropy(out)))
+        shown.setdefault("ar", sample_text(out))
+        for steps in (64, 128):
+            out = sample(diff_ckpt, f"--seed={seed}", f"--steps={steps}", "--order=random", judge)
+            gen[f"diffusion {steps}"].append((judged(out), entropy(out)))
+            shown.setdefault(f"diffusion {steps}", sample_text(out))
+
+    ratio = diffusion[0] / ar[0]
+    print(f"\nsame preset and budget: {budget:,} training tokens each\n")
+    print(f"{'model':<34}{'nats/char':>11}{'± se':>8}{'bits/char':>11}{'wall s':>9}")
+    print(f"{'autoregressive baseline (AR NLL)':<34}{ar[0]:>11.4f}{ar[1]:>8.4f}{ar[2]:>11.4f}"
+          f"{ar[3]:>9.0f}")  # fmt: skip
+    print(f"{'masked diffusion (ELBO)':<34}{diffusion[0]:>11.4f}{diffusion[1]:>8.4f}"
+          f"{diffusion[2]:>11.4f}{diffusion[3]:>9.0f}")  # fmt: skip
+    print(f"ELBO / AR NLL = {ratio:.3f} (acceptance <= {TARGET}, published gap ~{GOAL})")
+    print(f"\n{'samples (4 seeds)':<34}{'judge NLL':>11}{'gen. ppl':>10}{'entropy':>9}")
+    for name, values in gen.items():
+        nll = sum(v for v, _ in values) / len(values)
+        ent = sum(e for _, e in values) / len(values)
+        label = "AR, its own samples" if name == "ar" else f"{name} steps, random order"
+        print(f"{label:<34}{nll:>11.4f}{math.exp(nll):>10.3f}{ent:>9.3f}")
+    for name in ("ar", "diffusion 128"):
+        print(f"\n-- a sample of the {name} model --\n{shown[name]}\n--")
+    print(f"\n{'PASS' if ratio <= TARGET else 'FAIL'}  ELBO / AR NLL {ratio:.3f} (<= {TARGET})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
