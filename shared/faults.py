@@ -42,17 +42,23 @@ FULL: tuple[type[Exception], ...] = (OutOfMemoryError,)
 PASSING: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, *FULL)
 
 
-def refusal_message(exc: Exception, service: str) -> str:
-    """What to fix when Redis refuses ``service``'s credentials or a command."""
+def refusal_message(exc: Exception, service: str, user: str | None = None) -> str:
+    """What to fix when Redis refuses ``service``'s credentials or a command.
+    ``user``: the Redis ACL user it connected as (redis_username), named in the message."""
+    who = f"user {user!r}" if user else "its Redis user (redis_username, else the URL's)"
     if isinstance(exc, NoPermissionError):
+        # Redis 7.0 names the command when the command is denied, but not which command
+        # touched a denied key; ACL LOG (as admin) names both.
         return (
-            f"{service}: Redis refused a command ({exc}). The Redis user lacks a permission "
-            "this service needs: check redis_url's user and the server's ACL for this role."
+            f"{service}: Redis refused a command to {who} ({exc}). That role lacks a "
+            f"permission {service} needs: check redis_username (the {service} role's own "
+            "user) and the server's ACL (deploy/redis/acl.sh); an operator sees the command "
+            "and key with `redis-cli --user admin --askpass ACL LOG 5`."
         )
     return (
-        f"{service}: Redis refused the credentials ({exc}). Set the right password with "
-        "redis_password_file (or REDIS_PASSWORD / --redis_password) and the user, if any, "
-        "in redis_url."
+        f"{service}: Redis refused the credentials of {who} ({exc}). Set the right password "
+        "with redis_password_file (or REDIS_PASSWORD / --redis_password) and the user with "
+        "redis_username (or in redis_url)."
     )
 
 

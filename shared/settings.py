@@ -66,6 +66,39 @@ def _expand_path(value: Path | None) -> Path | None:
 # settings are the groups it reads (see the service classes further down).
 
 
+# Placeholders from examples and docs: never a password.
+PLACEHOLDER_PASSWORDS = frozenset({"change-me", "changeme", "password", "secret", "admin", "redis"})
+# A role's password (the stack's ACL users) at least this long: make-env.sh writes 32.
+MIN_ROLE_PASSWORD = 16
+# Characters that could end a config/ACL line, start a comment or a rule (>pass, <pass),
+# or break the quoting of a file that carries it (the exporter's JSON).
+_UNSAFE_PASSWORD = re.compile(r"[\s#<>\"'`\\]|[^\x21-\x7e]")
+
+
+def password_problem(password: str, username: str | None = None) -> str | None:
+    """Why ``password`` must not be used (None: it may). Placeholders and characters that
+    could inject config are refused always; a role's password (``username`` set: an ACL
+    user of the stack) must also be at least MIN_ROLE_PASSWORD characters."""
+    if not password:
+        return "is empty: write the password (deploy/docker/make-env.sh generates them)"
+    if password.lower() in PLACEHOLDER_PASSWORDS:
+        return (
+            "is a placeholder from an example (change-me, password, ...): use a random one "
+            "(deploy/docker/make-env.sh writes them; `openssl rand -hex 16`)"
+        )
+    if _UNSAFE_PASSWORD.search(password):
+        return (
+            "holds whitespace, a control or non-ASCII character, or one of # < > \" ' ` \\ "
+            "(they could inject config lines): use letters, digits and - _ . ~ + ="
+        )
+    if username and len(password) < MIN_ROLE_PASSWORD:
+        return (
+            f"is {len(password)} characters; the password of Redis user {username!r} needs "
+            f"at least {MIN_ROLE_PASSWORD} (deploy/docker/make-env.sh writes 32)"
+        )
+    return None
+
+
 class RunSettings(_Base):
     """Where the run's Redis is and how a process logs: every service."""
 
@@ -118,6 +151,11 @@ class RunSettings(_Base):
             except OSError as exc:
                 raise ValueError(f"redis_password_file: cannot read it ({exc})") from exc
             object.__setattr__(self, "redis_password", SecretStr(secret))
+        if self.redis_password is not None:
+            problem = password_problem(self.redis_password.get_secret_value(), self.redis_username)
+            if problem:
+                source = "redis_password_file" if self.redis_password_file else "redis_password"
+                raise ValueError(f"{source}: {problem}")
         return self
 
     def password(self) -> str | None:

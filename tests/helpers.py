@@ -5,6 +5,8 @@
 - :func:`wait_until`: poll a condition with a deadline.
 - :func:`redis_binaries`: one redis-server per Redis version found.
 - :class:`ProducerProcess`: ``python -m services.producer`` as a child process.
+- Redis ACL users: :func:`write_role_secrets`, :func:`generate_acl` (deploy/redis/acl.sh,
+  as the stack's redis container runs it) and :class:`AclRedisServer`.
 - Compose files: :func:`load_yaml`, and :func:`interpolate` / :func:`compose_config`, which
   substitute ``${VAR:-default}`` and friends as compose does, so that tests check what a
   service would really get.
@@ -35,7 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shared.redis_server import free_port
+from shared.redis_server import RedisServer, free_port
 from shared.settings import Settings, load_settings
 
 # ------------------------------------------------------------------ paths and recipes
@@ -122,6 +124,49 @@ def newest_redis_binary() -> str:
     if newest is None or not newest.startswith("redis7"):
         pytest.fail("no Redis 7 redis-server found: install it (apt-get install redis-server)")
     return binaries[newest]
+
+
+# ------------------------------------------------------------------- Redis ACL users
+
+ROLES = ("producer", "trainer", "exporter", "autoscaler", "admin")
+ACL_SCRIPT = REPO / "deploy" / "redis" / "acl.sh"
+
+
+def write_role_secrets(directory: Path) -> dict[str, str]:
+    """A random password per role in ``directory``/redis-<role>, as make-env.sh writes
+    them; returns role -> password."""
+    directory.mkdir(parents=True, exist_ok=True)
+    passwords = {role: secrets.token_hex(16) for role in ROLES}
+    for role, password in passwords.items():
+        (directory / f"redis-{role}").write_text(password)
+    return passwords
+
+
+def generate_acl(secrets_dir: Path, out: Path, namespace: str = "maskstream") -> Path:
+    """users.acl from the role secrets, by the script the redis container runs."""
+    result = subprocess.run(
+        ["sh", str(ACL_SCRIPT), str(secrets_dir), namespace],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    out.write_text(result.stdout)
+    return out
+
+
+class AclRedisServer(RedisServer):
+    """A redis-server running an ACL file: the default user is off, so its readiness
+    check (and :meth:`client`) authenticate as ``admin``."""
+
+    def __init__(self, binary: str, aclfile: Path, admin_password: str, **kwargs: Any) -> None:
+        super().__init__(binary, extra_args=["--aclfile", str(aclfile)], **kwargs)
+        self.admin_password = admin_password
+
+    def client(self, **kwargs) -> Any:
+        kwargs.setdefault("username", "admin")
+        kwargs.setdefault("password", self.admin_password)
+        return super().client(**kwargs)
 
 
 # -------------------------------------------------------------------------- processes

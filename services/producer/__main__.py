@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return ExitCode.CONTRACT
     except REFUSED as exc:
-        log.error("%s", refusal_message(exc, "producer"))
+        log.error("%s", refusal_message(exc, "producer", settings.redis_username))
         return ExitCode.CONFIG
     return ExitCode.OK
 

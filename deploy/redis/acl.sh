@@ -1,0 +1,73 @@
+#!/bin/sh
+# Redis ACL users of the stack, one per role, written from the role password files:
+#
+#   deploy/redis/acl.sh SECRETS_DIR [NAMESPACE] > users.acl
+#
+# SECRETS_DIR holds redis-producer, redis-trainer, redis-exporter, redis-autoscaler and
+# redis-admin, one password each (deploy/docker/make-env.sh writes them). Passwords are
+# stored hashed (#<sha256>), so the file can never carry a password, nor a config line a
+# password smuggled in. The `default` user is off. The redis container runs this at every
+# start (docker-compose.yml), and tests/test_acl.py checks each role against a real
+# redis-server 7 running its output. Never commit the output.
+#
+# Each role holds exactly the commands its code runs today, on keys under NAMESPACE:
+# (see docs/operations.md, "Security", for the table).
+#   producer    writes the contract (SET NX: ACLs cannot tell SET NX from SET; the
+#               fingerprint check catches a changed contract), its lease and id counter,
+#               the training stream (XADD, through the reservation script), the validation
+#               set; reads the stage. No XREADGROUP, XACK, XDEL: it never consumes.
+#   trainer     reads the contract, validation set and bounds; consumes the training
+#               stream (a selector: group commands only, never XADD); writes only the
+#               dead-letter stream, its failures hash and the stage key.
+#   exporter    reads the streams and INFO; writes nothing.
+#   autoscaler  XLEN of the training stream; nothing else.
+#   admin       everything (operators: redis-cli --user admin --askpass).
+# KEYS and SCAN ignore key patterns, so only admin has them.
+set -eu
+
+dir=${1:?usage: acl.sh SECRETS_DIR [NAMESPACE]}
+ns=${2:-maskstream}
+case $ns in
+    *[!A-Za-z0-9_.-]* | "") echo "acl.sh: namespace '$ns': letters, digits, _ . - only" >&2; exit 2 ;;
+esac
+
+# The hash of a role's password, after the checks every service makes too
+# (shared/settings.py, RunSettings): long enough, no placeholder, no character that could
+# start a new config or ACL rule (whitespace, #, <, >, quotes, ...).
+hash_of() {
+    file=$dir/redis-$1
+    if [ ! -r "$file" ]; then
+        echo "acl.sh: $file is missing or unreadable: run deploy/docker/make-env.sh" >&2
+        exit 2
+    fi
+    password=$(cat "$file")
+    case $password in
+        change-me | changeme | password | admin | redis | secret)
+            echo "acl.sh: $file holds the placeholder '$password': run deploy/docker/make-env.sh" >&2
+            exit 2 ;;
+        *[!A-Za-z0-9._~+=-]*)
+            echo "acl.sh: $file: only letters, digits and . _ ~ + = - allowed" >&2
+            exit 2 ;;
+    esac
+    if [ ${#password} -lt 16 ]; then
+        echo "acl.sh: $file: at least 16 characters (it has ${#password})" >&2
+        exit 2
+    fi
+    printf '%s' "$password" | sha256sum | cut -d' ' -f1
+}
+
+producer=$(hash_of producer)
+trainer=$(hash_of trainer)
+exporter=$(hash_of exporter)
+autoscaler=$(hash_of autoscaler)
+admin=$(hash_of admin)
+k=$ns
+
+cat <<ACL
+user default off resetpass nocommands resetkeys resetchannels
+user producer on #$producer resetchannels -@all +ping +multi +exec +discard +watch +unwatch +evalsha +eval +script|load +script|exists +time +get +set +incrby +del +pexpire +xadd +xlen +hget +hset +hdel +hgetall ~$k:meta ~$k:train ~$k:val ~$k:val:done ~$k:val:lock ~$k:train:max_backlog ~$k:train:produced ~$k:train:reserved ~$k:producer:* %R~$k:stage
+user trainer on #$trainer resetchannels -@all +ping +get +set +xrange +xadd +hincrby +hmget +hdel %R~$k:meta %R~$k:val %R~$k:val:done %R~$k:train:max_backlog ~$k:stage ~$k:dead ~$k:train:failures:* (~$k:train -@all +xreadgroup +xack +xdel +xautoclaim +xclaim +xpending +xinfo|consumers +xgroup|create +xgroup|delconsumer +xlen)
+user exporter on #$exporter resetchannels -@all +ping +select +client|setname +info +config|get +slowlog|get +slowlog|len +latency|latest +client|list +dbsize +type +xinfo +xlen +strlen +hlen %R~$k:*
+user autoscaler on #$autoscaler resetchannels -@all +ping +xlen %R~$k:train
+user admin on #$admin ~* &* +@all
+ACL
