@@ -113,6 +113,8 @@ class RedisServer:
                 try:
                     if client.ping():
                         return self
+                except redis.AuthenticationError:
+                    return self  # it answers: with a password (or ACL users) to give
                 except redis.ConnectionError:
                     pass
                 if time.monotonic() > deadline:

@@ -166,6 +166,8 @@ def wait_for_redis(client: redis.Redis, stop: threading.Event, what: str = "Redi
         try:
             client.ping()
             return True
+        except (redis.AuthenticationError, redis.exceptions.AuthorizationError):
+            raise  # a refused password is no outage: the caller stops (shared/faults.py)
         except TRANSIENT_ERRORS as exc:
             delay = backoff.next_delay()
             log.warning("%s unavailable (%s); retrying in %.1f s", what, exc, delay)

@@ -22,6 +22,7 @@ from services.trainer.checkpoint import Checkpoint, CheckpointError
 from services.trainer.feed import MicroBatch
 from services.trainer.train import Dist, Trainer, learning_rate, wait_for_contract
 from shared.codec import Batch, encode
+from shared.redis_server import RedisServer
 from shared.settings import TrainerConfig, load_settings
 from shared.streams import PAYLOAD_FIELD, StreamKeys, connect
 from tests.accounting import acked_entries, close_accounts
@@ -640,3 +641,83 @@ def test_kills_of_a_healthy_trainer_dead_letter_nothing(
     assert client.xlen(KEYS.dead) == 0, client.xrange(KEYS.dead)
     assert "val loss" in out
     close_accounts(client, acked_entries(ack_log))
+
+
+# ------------------------------------------------------------- clear errors
+
+
+def test_a_refused_password_exits_2_naming_the_setting(tmp_path, shakespeare):
+    """Producer and trainer alike: a wrong password is not an outage to wait
+    out, and no traceback."""
+    with RedisServer(extra_args=["--requirepass", "right-password-123"]) as server:
+        for module, extra in (
+            ("services.producer", [f"--corpus_path={shakespeare}", "--metrics_port=0"]),
+            ("services.trainer", [f"--out_dir={tmp_path}", "--trainer_metrics_port=0"]),
+        ):
+            run = subprocess.run(
+                [sys.executable, "-m", module, f"--redis_url={server.url}", *SMALL, *extra],
+                cwd=REPO,
+                env={**env(), "REDIS_PASSWORD": "wrong-password-123"},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 2, (module, run.stderr[-2000:])
+            assert "redis_password_file" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_an_unreadable_checkpoint_exits_3_naming_the_file(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    run = subprocess.run(
+        trainer_cmd(
+            1, [f"--redis_url={redis7.url}", *SMALL, f"--out_dir={tmp_path}", "--init_from=resume"]
+        ),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert producer.terminate() == 0
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert f"checkpoint {tmp_path / 'ckpt.pt'} cannot be read" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_trainer_started_before_redis_waits_for_it(shakespeare, start_producer, tmp_path):
+    server = RedisServer()
+    log = open(tmp_path / "trainer.log", "w")  # noqa: SIM115
+    trainer = subprocess.Popen(
+        trainer_cmd(
+            1,
+            [
+                f"--redis_url={server.url}",
+                *SMALL,
+                "--max_iters=10",
+                f"--out_dir={tmp_path / 'run'}",
+            ],
+        ),
+        cwd=REPO,
+        env=env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(
+            lambda: "Redis is unavailable" in (tmp_path / "trainer.log").read_text(), 60, "the wait"
+        )
+        server.start()
+        producer = start_producer(
+            f"--redis_url={server.url}", f"--corpus_path={shakespeare}", *SMALL
+        )
+        assert trainer.wait(120) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+        assert producer.terminate() == 0
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        log.close()
+        server.stop()
+    assert "Redis answers again" in (tmp_path / "trainer.log").read_text()
