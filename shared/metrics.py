@@ -37,11 +37,20 @@ FAST_BUCKETS = (
 SLOW_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def serve(port: int) -> bool:
-    """Serve this process's metrics, or (multiprocess mode) every rank's.
+# Where metrics servers listen unless told: loopback, so a native run exposes nothing.
+# Containers set METRICS_ADDRESS=0.0.0.0 (the stack's own network, no host port).
+METRICS_ADDRESS_ENV = "METRICS_ADDRESS"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+
+
+def serve(port: int, address: str | None = None) -> bool:
+    """Serve this process's metrics, or (multiprocess mode) every rank's, on ``address``
+    (None: the metrics_address setting's variable METRICS_ADDRESS, else loopback).
     A port in use (several processes on one host) is logged, not fatal."""
     if port <= 0:
         return False
+    if address is None:
+        address = os.environ.get(METRICS_ADDRESS_ENV) or DEFAULT_METRICS_ADDRESS
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     try:
         if directory:
@@ -49,11 +58,11 @@ def serve(port: int) -> bool:
 
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=directory)
-            start_http_server(port, registry=registry)
+            start_http_server(port, addr=address, registry=registry)
         else:
-            start_http_server(port)
+            start_http_server(port, addr=address)
     except OSError as exc:
-        log.warning("no metrics: port %d unavailable (%s); set another port", port, exc)
+        log.warning("no metrics: %s:%d unavailable (%s); set another port", address, port, exc)
         return False
-    log.info("metrics on :%d/metrics", port)
+    log.info("metrics on %s:%d/metrics", address, port)
     return True

@@ -116,6 +116,11 @@ class RunSettings(_Base):
     redis_password_file: Path | None = Field(
         None, description="file holding the Redis password (container secrets)"
     )
+    metrics_address: str = Field(
+        "127.0.0.1",
+        description="address the metrics server listens on (containers: 0.0.0.0 on the "
+        "stack's network; native runs: loopback, nothing exposed)",
+    )
     seed: int = Field(1337, ge=0, description="root seed of every random stream")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_interval_s: float = Field(10.0, gt=0, description="seconds between summary log lines")

@@ -27,6 +27,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -140,6 +141,19 @@ def write_role_secrets(directory: Path) -> dict[str, str]:
     for role, password in passwords.items():
         (directory / f"redis-{role}").write_text(password)
     return passwords
+
+
+def write_stack_secrets(directory: Path) -> dict[str, str]:
+    """Every secret of the compose stack, by deploy/docker/make-env.sh itself (SECRETS_DIR):
+    returns file name -> content."""
+    subprocess.run(
+        ["bash", str(REPO / "deploy" / "docker" / "make-env.sh")],
+        env={**os.environ, "SECRETS_DIR": str(directory)},
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return {path.name: path.read_text() for path in directory.iterdir()}
 
 
 def generate_acl(secrets_dir: Path, out: Path, namespace: str = "maskstream") -> Path:
@@ -279,16 +293,25 @@ def _substitute(body: str, env: Mapping[str, str]) -> str:
     return interpolate(argument, env) if present else ""
 
 
-# The least a .env holds (`make up` writes one with a random password); everything else
-# takes the compose file's defaults.
-COMPOSE_ENV = {"REDIS_PASSWORD": "test-password"}
+# The secrets `make up` writes (once per test session, in a temporary SECRETS_DIR); every
+# other setting takes the compose file's defaults.
+COMPOSE_SECRETS = Path(tempfile.mkdtemp(prefix="maskstream-secrets-")) / "secrets"
+COMPOSE_ENV = {"SECRETS_DIR": str(COMPOSE_SECRETS)}
 
 
 def service_settings(config: dict, service: str) -> Settings:
     """The settings a service's process loads from the environment compose gives it
-    (``config`` from :func:`compose_config`)."""
-    environment = config["services"][service]["environment"]
-    return load_settings([], env={key: str(value) for key, value in environment.items()})
+    (``config`` from :func:`compose_config`); a secret's path in the container
+    (/run/secrets/<name>) is read from the file compose would mount there."""
+    if not COMPOSE_SECRETS.exists():
+        write_stack_secrets(COMPOSE_SECRETS)
+    environment = {
+        key: str(value) for key, value in config["services"][service]["environment"].items()
+    }
+    for key, value in environment.items():
+        if value.startswith("/run/secrets/"):
+            environment[key] = config["secrets"][value.removeprefix("/run/secrets/")]["file"]
+    return load_settings([], env=environment)
 
 
 def _interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
@@ -533,22 +556,22 @@ def docker_socket() -> Path:
 
 
 def stack_env(tmp: Path, producers: int, **extra: str) -> dict[str, str]:
-    """The environment of a compose run under test: private ports, a fresh Redis
-    password, the local Debian base (imported into ENGINE), the corpus file, ``producers``
-    replicas."""
+    """The environment of a compose run under test: private ports, fresh secrets (by
+    make-env.sh, in ``tmp``/secrets), the local Debian base (imported into ENGINE), the
+    corpus file, ``producers`` replicas."""
     env = dict(os.environ)
     if ENGINE == "podman":
         env["CONTAINERS_CONF"] = str(containers_conf(tmp / "containers.conf"))
+    write_stack_secrets(tmp / "secrets")
     env.update(
         ENGINE=ENGINE,  # where deploy/docker/debian-base.sh imports the base
-        REDIS_PASSWORD=secrets.token_hex(16),
+        SECRETS_DIR=str(tmp / "secrets"),
         CORPUS_FILE=str(stack_corpus(tmp)),
         DEBIAN_BASE_IMAGE=BASE_IMAGE,
         PRESET="tiny",
         PRODUCER_REPLICAS=str(producers),
         BIND_ADDRESS="127.0.0.1",
         PROMETHEUS_PORT=str(free_port()),
-        REDIS_PORT=str(free_port()),
         GRAFANA_PORT=str(free_port()),
         **extra,
     )

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -42,16 +43,17 @@ import pytest
 import redis
 
 from shared.redis_server import free_port
-from shared.settings import Settings
+from shared.settings import Settings, password_problem
 from shared.streams import StreamKeys
 from tests.helpers import (
     BASE_IMAGE,
     COMPOSE_ENV,
     COMPOSE_FILES,
+    COMPOSE_SECRETS,
     ENGINE,
     PROJECT,
     REPO,
-    ComposeError,
+    ROLES,
     Prometheus,
     Stack,
     compose_config,
@@ -63,6 +65,7 @@ from tests.helpers import (
     stack_env,
     torch_cpu_wheel,
     wait_until,
+    write_stack_secrets,
 )
 
 # The services that run this project's code, configured through their environment.
@@ -98,7 +101,19 @@ def host_path(service: dict, container_path: str) -> Path | None:
 # ------------------------------------------------------------------ compose file checks
 
 
-def test_every_redis_client_gets_the_password_and_compose_refuses_none(compose):
+# Each Redis client service: its ACL user (deploy/redis/acl.sh) and the one secret it mounts.
+REDIS_ROLES = {
+    "producer": "producer",
+    "trainer": "trainer",
+    "trainer-cpu": "trainer",
+    "autoscaler": "autoscaler",
+}
+
+
+def test_every_redis_client_has_its_own_user_and_only_its_password_file(compose):
+    """Each Redis client connects as its role's ACL user with the password in a secret file
+    it alone mounts; no password is in any service's environment or command line (compose
+    puts both in `inspect`), and Redis itself gets every role's file to hash."""
     services = compose["services"]
     clients = {
         name
@@ -106,24 +121,68 @@ def test_every_redis_client_gets_the_password_and_compose_refuses_none(compose):
         if "redis://redis:" in json.dumps(service.get("environment", {}))
         or "redis://redis:" in json.dumps(service.get("command", []))
     }
-    assert {"producer", "trainer", "trainer-cpu", "autoscaler", "redis-exporter"} <= clients
-    for name in [*clients, "redis"]:
-        assert (
-            services[name]["environment"].get("REDIS_PASSWORD") == COMPOSE_ENV["REDIS_PASSWORD"]
-        ), name
-    for env in ({}, {"REDIS_PASSWORD": ""}):
-        with pytest.raises(ComposeError, match="REDIS_PASSWORD"):
-            compose_config(env)
+    assert set(REDIS_ROLES) | {"redis-exporter"} == clients
+    for name, role in REDIS_ROLES.items():
+        environment = services[name]["environment"]
+        assert environment["REDIS_USERNAME"] == role, name
+        assert environment["REDIS_PASSWORD_FILE"] == f"/run/secrets/redis-{role}", name
+        assert services[name]["secrets"] == [f"redis-{role}"], name
+        assert service_settings(compose, name).password(), name  # the file is read and valid
+    exporter = services["redis-exporter"]
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in exporter["command"])
+    assert flags["redis.user"] == "exporter"
+    assert flags["redis.password-file"] == "/run/secrets/redis-exporter-json"
+    assert exporter["secrets"] == ["redis-exporter-json"]
+    assert set(services["redis"]["secrets"]) == {f"redis-{r}" for r in ROLES}
+    assert services["grafana"]["secrets"] == ["grafana-admin"]
+    # Files written by make-env.sh, each a valid password; none shows up in the config.
+    passwords = {p.name: p.read_text() for p in COMPOSE_SECRETS.iterdir()}
+    assert set(passwords) == {f"redis-{r}" for r in ROLES} | {
+        "redis-exporter.json",
+        "grafana-admin",
+    }
+    assert json.loads(passwords["redis-exporter.json"]) == {
+        flags["redis.addr"]: passwords["redis-exporter"]
+    }
+    rendered = json.dumps(compose)
+    for name, password in passwords.items():
+        if name.endswith(".json"):
+            continue
+        assert len(password) == 32 and password_problem(password, "role") is None, name
+        assert password not in rendered, name
+    for name, service in services.items():
+        for key in service.get("environment", {}):
+            assert "PASSWORD" not in key or key.endswith("_FILE"), (name, key)
+    # By default they live in .secrets/, which neither git nor the image builds see.
+    default = compose_config({})["secrets"]["redis-admin"]["file"]
+    assert default == "./.secrets/redis-admin"
+    assert ".secrets/" in (REPO / ".gitignore").read_text().split()
+    assert ".secrets" in (REPO / ".dockerignore").read_text().split()
 
 
-def test_redis_as_composed_wants_the_password_bounds_memory_and_never_evicts(tmp_path):
+def _composed_redis(service: dict, secrets_dir: Path, tmp: Path) -> list[str]:
+    """The redis service's entrypoint with its container paths (the mounted deploy/redis,
+    /run/secrets, the tmpfs) pointed at their host counterparts."""
+
+    def local(text: str) -> str:
+        text = text.replace("/tmp/users.acl", str(tmp / "users.acl"))
+        text = text.replace("/etc/maskstream/redis", str(REPO / "deploy" / "redis"))
+        return text.replace("/run/secrets", str(secrets_dir))
+
+    return [local(part) for part in service["entrypoint"]]
+
+
+def test_redis_as_composed_runs_the_acl_users_bounds_memory_and_never_evicts(tmp_path):
     """The redis service's entrypoint and command, as compose passes them, run a real
-    redis-server: no answer without the password, writes refused (not keys evicted) at
-    REDIS_MAXMEMORY, and a healthcheck that passes only with the right password."""
+    redis-server: the ACL file generated from the secrets (default user off, nothing
+    answered without a login), writes refused (not keys evicted) at REDIS_MAXMEMORY, and a
+    healthcheck that passes only with the right password."""
     redis_cli = shutil.which("redis-cli")
     if redis_cli is None:
         pytest.fail("redis-cli not found: apt-get install redis-tools (redis-server brings it)")
     service = compose_config({**COMPOSE_ENV, "REDIS_MAXMEMORY": "4mb"})["services"]["redis"]
+    secrets_dir = tmp_path / "secrets"
+    passwords = write_stack_secrets(secrets_dir)
     port = free_port()
     # The image's redis-server and redis-cli, the latter aimed at this server's port.
     bin_dir = tmp_path / "bin"
@@ -131,7 +190,8 @@ def test_redis_as_composed_wants_the_password_bounds_memory_and_never_evicts(tmp
     (bin_dir / "redis-server").symlink_to(newest_redis_binary())
     (bin_dir / "redis-cli").write_text(f'#!/bin/sh\nexec {redis_cli} -p {port} "$@"\n')
     (bin_dir / "redis-cli").chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **service["environment"]}
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    assert "environment" not in service  # nothing secret (or not) travels that way
     local = ["--port", str(port), "--bind", "127.0.0.1"]
     # Its data directory, the container's volume, is a temporary one here (redis-server
     # enters a --dir at once: a later one cannot override a missing one).
@@ -139,13 +199,13 @@ def test_redis_as_composed_wants_the_password_bounds_memory_and_never_evicts(tmp
     command[command.index("--dir") + 1] = str(tmp_path)
     with (tmp_path / "redis.log").open("w") as log:
         proc = subprocess.Popen(
-            [*service["entrypoint"], *command, *local],
+            [*_composed_redis(service, secrets_dir, tmp_path), *command, *local],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     try:
-        client = redis.Redis(port=port, password=COMPOSE_ENV["REDIS_PASSWORD"])
+        client = redis.Redis(port=port, username="admin", password=passwords["redis-admin"])
 
         def answers() -> bool:
             assert proc.poll() is None, (tmp_path / "redis.log").read_text()
@@ -158,17 +218,25 @@ def test_redis_as_composed_wants_the_password_bounds_memory_and_never_evicts(tmp
         with socket.create_connection(("127.0.0.1", port), timeout=5) as anonymous:
             anonymous.sendall(b"PING\r\n")
             assert anonymous.recv(200).startswith(b"-NOAUTH")
+        assert sorted(u.split()[1] for u in client.acl_list()) == sorted(["default", *ROLES])
+        assert "user default off" in (tmp_path / "users.acl").read_text()
+        for name, password in passwords.items():
+            assert password not in (tmp_path / "users.acl").read_text(), name
+        assert stat.S_IMODE((tmp_path / "users.acl").stat().st_mode) == 0o600
 
-        def healthcheck(password: str) -> int:
+        def healthcheck(secrets: Path) -> int:
             kind, command = service["healthcheck"]["test"]
             assert kind == "CMD-SHELL"
-            check_env = {**env, "REDIS_PASSWORD": password}
+            command = command.replace("/run/secrets", str(secrets))
             return subprocess.run(
-                ["sh", "-c", command], env=check_env, capture_output=True, timeout=30
+                ["sh", "-c", command], env=env, capture_output=True, timeout=30
             ).returncode
 
-        assert healthcheck(COMPOSE_ENV["REDIS_PASSWORD"]) == 0
-        assert healthcheck("wrong") != 0
+        assert healthcheck(secrets_dir) == 0
+        wrong = tmp_path / "wrong"
+        wrong.mkdir()
+        (wrong / "redis-exporter").write_text("0123456789abcdef0123456789abcdef")
+        assert healthcheck(wrong) != 0
 
         value = b"x" * 64 * 1024
         written = 0
@@ -181,6 +249,48 @@ def test_redis_as_composed_wants_the_password_bounds_memory_and_never_evicts(tmp
     finally:
         proc.kill()
         proc.wait(10)
+
+    # A placeholder or a short password: Redis does not start (exit 2, the reason said).
+    (secrets_dir / "redis-trainer").write_text("change-me")
+    failed = subprocess.run(
+        [*_composed_redis(service, secrets_dir, tmp_path), *command, *local],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert failed.returncode == 2 and "placeholder" in failed.stderr, failed.stderr
+
+
+def test_nothing_is_exposed_and_every_container_is_hardened(compose):
+    """Only Prometheus and Grafana are published, on BIND_ADDRESS (loopback by default);
+    Redis only with deploy/compose/publish-redis.yml, on REDIS_BIND_ADDRESS. Every service
+    drops every capability, gains no privilege, runs read-only (writing to volumes and a
+    tmpfs) under memory and process limits."""
+    services = compose["services"]
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"prometheus", "grafana"}
+    for name in published:
+        (port,) = services[name]["ports"]
+        assert port.startswith("127.0.0.1:"), (name, port)
+    opted = compose_config(COMPOSE_ENV, REPO / "deploy/compose/publish-redis.yml")
+    assert opted["services"]["redis"]["ports"] == ["127.0.0.1:6379:6379"]
+    for name, service in services.items():
+        assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+        assert service["mem_limit"] and int(service["pids_limit"]) > 0, name
+        if name != "autoscaler":  # root for the engine socket: see docker-compose.yml
+            assert service.get("user") not in ("root", "0"), name
+    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana-admin"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana
+    anonymous = compose_config({**COMPOSE_ENV, "GRAFANA_ANONYMOUS": "true"})
+    assert anonymous["services"]["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    for name in OUR_SERVICES:  # metrics on the stack's network; native runs default to loopback
+        assert services[name]["environment"]["METRICS_ADDRESS"] == "0.0.0.0", name
 
 
 def _pairs(items: list[str]) -> dict[str, str]:
@@ -394,7 +504,7 @@ def test_monitoring_services(compose):
         assert dashboards is not None and sorted(dashboards.glob("*.json")), provider
     home = host_path(grafana, grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
     assert home is not None and home.is_file()
-    # Anyone who reaches the port may look, not edit.
+    # Anonymous viewers (only when GRAFANA_ANONYMOUS=true) may look, not edit.
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     # Every named volume a service mounts is declared (compose refuses the file otherwise).
     for name, service in services.items():
@@ -591,22 +701,61 @@ def test_stack_scales_producers_and_trains(stack: Stack, pytestconfig):
     _say(pytestconfig, f"3 producers scraped: {sorted(targets)}; up sums to {up}; {elapsed:.0f} s")
     assert up == 3
 
-    # The services run as non-root users, and Redis answers no one without the password.
+    # The services run as non-root users, and Redis answers no one without a login.
     for service in ("producer", "trainer-cpu", "redis"):
         name = stack.containers(service)[0]
         assert stack.cli("exec", name, "id", "-u").strip() != "0", service
     redis = stack.containers("redis")[0]
     assert "NOAUTH" in stack.cli("exec", redis, "redis-cli", "ping")
     assert _redis_cli(stack, "ping") == ["PONG"]
+    _no_password_in_environment_or_command_line(stack, pytestconfig)
+    _containers_are_hardened(stack)
+    # Every role did its work as its own user: Redis refused none of them anything.
+    assert _redis_cli(stack, "acl", "log") == [], "refused commands (ACL LOG)"
 
     _redis_keeps_its_data_through_sigkill(stack, pytestconfig)
 
 
+def _stack_secrets(stack: Stack) -> dict[str, str]:
+    directory = Path(stack.env["SECRETS_DIR"])
+    return {path.name: path.read_text() for path in directory.iterdir()}
+
+
 def _redis_cli(stack: Stack, *args: str, check: bool = True) -> list[str]:
-    """redis-cli in the redis container, authenticated; its output lines."""
+    """redis-cli in the redis container as the admin user; its output lines."""
     (redis,) = stack.containers("redis")
-    auth = f"REDISCLI_AUTH={stack.env['REDIS_PASSWORD']}"
-    return stack.cli("exec", "-e", auth, redis, "redis-cli", *args, check=check).splitlines()
+    auth = f"REDISCLI_AUTH={_stack_secrets(stack)['redis-admin']}"
+    return stack.cli(
+        "exec", "-e", auth, redis, "redis-cli", "--user", "admin", *args, check=check
+    ).splitlines()
+
+
+def _no_password_in_environment_or_command_line(stack: Stack, pytestconfig) -> None:
+    """No secret in any container's configuration (`inspect`: environment, command,
+    entrypoint, labels), nor in process 1's environment and command line."""
+    passwords = [v for k, v in _stack_secrets(stack).items() if not k.endswith(".json")]
+    names = stack.containers(running=True)
+    assert len(names) >= 6, names  # redis, 3 producers, trainer, exporter, prometheus
+    for name in names:
+        inspected = stack.cli("inspect", name)
+        proc1 = stack.cli("exec", name, "cat", "/proc/1/environ", "/proc/1/cmdline", check=False)
+        for password in passwords:
+            assert password not in inspected, name
+            assert password not in proc1, name
+    _say(pytestconfig, f"no password in inspect or /proc/1 of {len(names)} containers")
+
+
+def _containers_are_hardened(stack: Stack) -> None:
+    """What the engine made of the compose file's hardening, on every running container."""
+    for name in stack.containers(running=True):
+        host = json.loads(stack.cli("inspect", "--format", "{{json .HostConfig}}", name))
+        assert host["ReadonlyRootfs"] is True, name
+        assert [c.upper().removeprefix("CAP_") for c in host["CapDrop"] or []] == ["ALL"] or (
+            len(host["CapDrop"] or []) > 10  # podman lists every capability dropped
+        ), (name, host["CapDrop"])
+        assert not host.get("CapAdd"), (name, host["CapAdd"])
+        assert any("no-new-privileges" in o for o in host["SecurityOpt"] or []), name
+        assert host["Memory"] > 0 and (host.get("PidsLimit") or 0) > 0, name
 
 
 def _redis_keeps_its_data_through_sigkill(stack: Stack, pytestconfig) -> None:

@@ -4,7 +4,9 @@ engine: it counts the producers Prometheus scrapes) and a real Prometheus
 running the project's own config (only its target addresses adapted) and
 rules. Every PromQL expression of every dashboard panel and recording rule
 must return data, and the autoscaler must see what the stack does (producers
-outpacing the trainers) and decide accordingly.
+outpacing the trainers) and decide accordingly. Redis runs the stack's ACL file
+(deploy/redis/acl.sh) and every service connects as its own role's user, with
+its password file: Redis must refuse none of them anything (ACL LOG).
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from services.autoscaler.signals import read_signals
 from shared.codec import Batch, encode
 from shared.redis_server import free_port
 from shared.streams import PAYLOAD_FIELD, StreamKeys
-from tests.helpers import REPO, SMALL_RECIPE, wait_until
+from tests.helpers import (
+    REPO,
+    SMALL_RECIPE,
+    AclRedisServer,
+    generate_acl,
+    newest_redis_binary,
+    wait_until,
+    write_role_secrets,
+)
 from tests.promql import all_queries
 
 pytestmark = pytest.mark.slow
@@ -76,20 +86,45 @@ def query(base: str, expr: str) -> dict:
         return json.load(response)
 
 
-def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_producer, tmp_path):
+@pytest.fixture
+def acl_redis(tmp_path):
+    """(Redis 7 running the stack's ACL users, the directory of their password files)."""
+    secrets_dir = tmp_path / "secrets"
+    passwords = write_role_secrets(secrets_dir)
+    aclfile = generate_acl(secrets_dir, tmp_path / "users.acl")
+    server = AclRedisServer(
+        newest_redis_binary(), aclfile, passwords["admin"], workdir=tmp_path / "redis"
+    ).start()
+    yield server, secrets_dir
+    server.kill()
+
+
+def as_role(secrets_dir: Path, role: str) -> list[str]:
+    return [f"--redis_username={role}", f"--redis_password_file={secrets_dir}/redis-{role}"]
+
+
+def test_every_panel_and_recording_rule_returns_data(
+    acl_redis, shakespeare, start_producer, tmp_path
+):
+    redis7, secrets_dir = acl_redis
     prometheus = need("prometheus", "prometheus")
     exporter_bin = need("prometheus-redis-exporter", "prometheus-redis-exporter")
     ports = {
         name: free_port()
         for name in ("p0", "p1", "trainer", "exporter", "autoscaler", "prometheus")
     }
-    client = redis7.client()
+    client = redis7.client()  # as admin
     # A dead letter to be: the dead-letter panels and rules need a series.
     client.xadd(KEYS.train, {PAYLOAD_FIELD: encode(Batch("f" * 16, "train", 0, 0, 0, {}))})
     common = [f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL]
     for name in ("p0", "p1"):
-        start_producer(*common, f"--metrics_port={ports[name]}")
+        start_producer(*common, *as_role(secrets_dir, "producer"), f"--metrics_port={ports[name]}")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # redis_exporter's password file: a JSON map of address -> password (as make-env.sh writes).
+    exporter_password_file = tmp_path / "exporter.json"
+    exporter_password_file.write_text(
+        json.dumps({redis7.url: (secrets_dir / "redis-exporter").read_text()})
+    )
     procs = [
         subprocess.Popen(
             [
@@ -101,6 +136,7 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
                 "-m",
                 "services.trainer",
                 *common,
+                *as_role(secrets_dir, "trainer"),
                 "--max_iters=100000",
                 "--log_interval=50",
                 f"--trainer_metrics_port={ports['trainer']}",
@@ -115,6 +151,8 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
             [
                 exporter_bin,
                 f"-redis.addr={redis7.url}",
+                "-redis.user=exporter",
+                f"-redis.password-file={exporter_password_file}",
                 f"-web.listen-address=127.0.0.1:{ports['exporter']}",
                 "-check-single-streams=maskstream:train,maskstream:val,maskstream:dead",
             ],
@@ -158,6 +196,7 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
                 "services.autoscaler",
                 "--dry_run",
                 f"--redis_url={redis7.url}",
+                *as_role(secrets_dir, "autoscaler"),
                 f"--prometheus_url={base}",
                 f"--autoscaler_metrics_port={ports['autoscaler']}",
                 "--autoscale_interval_s=1",
@@ -238,6 +277,11 @@ def test_every_panel_and_recording_rule_returns_data(redis7, shakespeare, start_
         assert not signals.missing()
         assert signals.backpressure_share >= config.idle_backpressure, signals
         assert signals.data_wait_share <= config.starve_threshold, signals
+        # Every service worked as its own user (the exporter's series above came through
+        # its own, which connects per scrape), and Redis refused none of them anything.
+        users = {c["user"] for c in client.client_list()}
+        assert users >= {"producer", "trainer", "autoscaler"}, users
+        assert client.acl_log() == []
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)

@@ -8,7 +8,9 @@
 #                             producers write the new preset's contract. To restart a GPU
 #                             stack keeping its queue: COMPOSE_PROFILES=gpu make up.
 #   TRAIN_GPU_MODE=native     torchrun from .venv on this machine against REDIS_URL (default:
-#                             the stack's Redis on localhost:$REDIS_PORT, password from .env),
+#                             the stack's Redis on localhost:$REDIS_PORT, published with
+#                             deploy/compose/publish-redis.yml, as user trainer with the
+#                             password file .secrets/redis-trainer),
 #                             fed by producers running elsewhere (`make up` with the same
 #                             PRESET, or `make producer`). .venv needs a CUDA build of torch.
 #   TRAIN_GPU_MODE=auto       (default) container where Docker has the NVIDIA runtime, else
@@ -57,9 +59,9 @@ native)
     if [ -z "${REDIS_URL:-}" ]; then
         port=${REDIS_PORT:-$(sed -n 's/^REDIS_PORT=//p' .env 2>/dev/null || true)}
         export REDIS_URL="redis://localhost:${port:-6379}/0"
-        if [ -z "${REDIS_PASSWORD:-}" ] && [ -f .env ]; then
-            REDIS_PASSWORD=$(sed -n 's/^REDIS_PASSWORD=//p' .env)
-            export REDIS_PASSWORD
+        if [ -z "${REDIS_PASSWORD:-}${REDIS_PASSWORD_FILE:-}" ]; then
+            export REDIS_USERNAME=${REDIS_USERNAME:-trainer}
+            export REDIS_PASSWORD_FILE=${SECRETS_DIR:-.secrets}/redis-trainer
         fi
     fi
     native_gpu || {

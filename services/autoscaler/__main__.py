@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     client = client_for(settings)
     keys = StreamKeys(settings.namespace)
     stop = stop_on_signals(log, "stopping after this decision")
-    serve_metrics(settings.autoscaler_metrics_port)
+    serve_metrics(settings.autoscaler_metrics_port, settings.metrics_address)
     log.info(
         "scaling %s within [%d, %d]%s, every %.0f s",
         settings.producer_service,

@@ -3,8 +3,11 @@ Docker SDK: Docker Engine, or Podman's Docker-compatible API (``podman system
 service``, reached through ``DOCKER_HOST``).
 
 New replicas are copies of a running one: same image, command, environment,
-volumes, labels (so ``docker compose ps`` and Prometheus's DNS discovery see
-them like any other) and network, with the service name as network alias.
+volumes, secret mounts, labels (so ``docker compose ps`` and Prometheus's DNS
+discovery see them like any other), network, with the service name as network
+alias, and every hardening setting (:data:`COPIED_HOST_CONFIG`: dropped
+capabilities, no-new-privileges, read-only root, tmpfs, memory and process
+limits). A copy never has more privileges than the replica it copies.
 Replicas are removed highest number first, with a graceful stop: SIGTERM, and
 the producer finishes its current send before it exits.
 """
@@ -23,6 +26,38 @@ log = logging.getLogger(__name__)
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 NUMBER_LABEL = "com.docker.compose.container-number"
+
+
+# HostConfig fields a replica copies from its template, as the Engine API names them
+# (POST /containers/create takes what GET /containers/{id}/json gives). Compose v2 passes
+# volumes and secrets as Mounts, podman-compose as Binds: both are copied.
+COPIED_HOST_CONFIG = (
+    "Binds",
+    "Mounts",
+    "Tmpfs",
+    "CapAdd",
+    "CapDrop",
+    "SecurityOpt",
+    "ReadonlyRootfs",
+    "Privileged",
+    "Memory",
+    "MemorySwap",
+    "MemoryReservation",
+    "NanoCpus",
+    "CpuShares",
+    "PidsLimit",
+    "Ulimits",
+    "ShmSize",
+    "Init",
+    "RestartPolicy",
+    "LogConfig",
+)
+
+
+def copied_host_config(host: dict[str, Any]) -> dict[str, Any]:
+    """The HostConfig of a copy of a container whose HostConfig is ``host``: the fields
+    of COPIED_HOST_CONFIG that are set (an engine reads a missing one as its default)."""
+    return {key: host[key] for key in COPIED_HOST_CONFIG if host.get(key) not in (None, "", [])}
 
 
 class EngineError(RuntimeError):
@@ -117,10 +152,9 @@ class Replicas:
             working_dir=config.get("WorkingDir") or None,
             labels=labels,
             name=name,
-            host_config=api.create_host_config(
-                binds=host.get("Binds") or None,
-                restart_policy=host.get("RestartPolicy") or None,
-            ),
+            # The Engine API's own field names, passed through (docker-py's host config is a
+            # dict of them), so that nothing the template has is lost in a translation.
+            host_config=copied_host_config(host),
             networking_config=api.create_networking_config(endpoints) if endpoints else None,
         )
         api.start(created["Id"])

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.CONFIG
 
     stop = stop_on_signals(log, "finishing the current send, then stopping")
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.metrics_address)
     try:
         Producer(settings, provider, stop).run()
     except ContractMismatch as exc:
