@@ -12,7 +12,8 @@ AR model's own samples. Run from the repository root::
     python -m benchmarks.bench_quality --ar_learning_rate=1e-3 --max_iters=2000
 
 Any ``--key=value`` is a setting for both runs; ``--ar_<key>=value`` for the
-baseline only.
+baseline only; ``--reuse`` takes the checkpoints an earlier run left (only the
+sampling runs again).
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ SAMPLE_SEEDS = (1, 2, 3, 4)
 TARGET, GOAL = 1.15, 1.10  # ELBO / AR NLL: the acceptance bar and the published gap
 
 
-def run_local(name: str, args: list[str]) -> tuple[float, float, float, float, str]:
-    """Train with ``services.local``; returns (nats, stderr, bits, seconds, log)."""
+def run_local(name: str, args: list[str], reuse: bool) -> tuple[float, float, float, float, str]:
+    """Train with ``services.local`` (or, with ``reuse``, take the checkpoint an
+    earlier run left); returns (nats, stderr, bits, seconds, log) of the final
+    evaluation, from the checkpoint's history."""
+    checkpoint = OUT / name / "ckpt.pt"
+    if reuse and checkpoint.is_file():
+        return (*final_bound(checkpoint), math.nan, "")
     started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "services.local", *args, f"--out_dir={OUT / name}"],
@@ -44,13 +50,15 @@ def run_local(name: str, args: list[str]) -> tuple[float, float, float, float, s
     seconds = time.monotonic() - started
     if out.returncode != 0:
         sys.exit(f"bench-quality: the {name} run failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-    found = re.search(
-        r"val (?:ELBO|AR NLL) ([\d.]+) bits/char \(([\d.]+) ± ([\d.]+) nats/char", out.stdout
-    )
-    if not found:
-        sys.exit(f"bench-quality: no bound in the {name} run's output:\n{out.stdout[-2000:]}")
-    bits, nats, stderr = (float(g) for g in found.groups())
-    return nats, stderr, bits, seconds, out.stdout
+    return (*final_bound(checkpoint), seconds, out.stdout)
+
+
+def final_bound(checkpoint: Path) -> tuple[float, float, float]:
+    """(nats, stderr, bits) of a run's last evaluation."""
+    from services.trainer.checkpoint import Checkpoint  # torch: only here
+
+    last = Checkpoint.load(checkpoint).history[-1]
+    return last["nats_per_char"], last["stderr_nats"], last["bits_per_char"]
 
 
 def sample(checkpoint: Path, *args: str) -> str:
@@ -79,6 +87,8 @@ def entropy(output: str) -> float:
 
 
 def main(argv: list[str]) -> int:
+    reuse = "--reuse" in argv
+    argv = [a for a in argv if a != "--reuse"]
     shared = [a for a in argv if not a.startswith("--ar_")]
     ar_only = ["--" + a[len("--ar_") :] for a in argv if a.startswith("--ar_")]
     if not any(a.startswith("--preset=") for a in shared):
@@ -88,11 +98,11 @@ def main(argv: list[str]) -> int:
         shared.append(f"--corpus_path={corpus}")
     print(f"bench-quality: {' '.join(shared)}; baseline also {' '.join(ar_only) or '(nothing)'}")
 
-    ar = run_local("ar", [*shared, "--objective=ar", *ar_only])
-    diffusion = run_local("diffusion", shared)
-    tokens = re.search(r"(\d+) tokens/step", diffusion[4])
-    iters = re.search(r"done at iter (\d+)", diffusion[4])
-    budget = int(tokens.group(1)) * int(iters.group(1)) if tokens and iters else 0
+    ar = run_local("ar", [*shared, "--objective=ar", *ar_only], reuse)
+    diffusion = run_local("diffusion", shared, reuse)
+    from services.trainer.checkpoint import Checkpoint
+
+    budget = Checkpoint.load(OUT / "diffusion" / "ckpt.pt").tokens
 
     ar_ckpt, diff_ckpt = OUT / "ar" / "ckpt.pt", OUT / "diffusion" / "ckpt.pt"
     judge = f"--judge={ar_ckpt}"

@@ -77,10 +77,15 @@ class BatchReader:
     def setup(self, start_id: str = "0") -> None:
         ensure_group(self.client, self.stream, self.group, start_id)
 
-    def reclaim(self, min_idle_ms: int) -> list[Delivered]:
-        """This consumer's own pending entries, then idle ones of others;
-        entries past the delivery limit are dead-lettered here."""
-        entries = list(reclaim(self.client, self.stream, self.group, self.consumer, min_idle_ms))
+    def reclaim(self, min_idle_ms: int, exclude: set[bytes] = frozenset()) -> list[Delivered]:
+        """This consumer's own pending entries, then idle ones of others, less
+        ``exclude`` (entries this consumer already handed to training); entries
+        past the delivery limit are dead-lettered here."""
+        entries = [
+            entry
+            for entry in reclaim(self.client, self.stream, self.group, self.consumer, min_idle_ms)
+            if entry[0] not in exclude
+        ]
         return self._usable(self._within_delivery_limit(entries))
 
     def reclaim_departed(self, live: set[str]) -> list[Delivered]:
@@ -146,7 +151,7 @@ class BatchReader:
         failed = {
             entry_id: int(count)
             for (entry_id, _), count in zip(named, counts, strict=True)
-            if count is not None and int(count) >= self.max_deliveries
+            if count is not None and count.isdigit() and int(count) >= self.max_deliveries
         }
         if not failed:
             return entries
@@ -176,6 +181,8 @@ class BatchReader:
         out: list[Delivered] = []
         gone: list[bytes] = []
         for entry_id, fields in entries:
+            if entry_id is None:  # Redis 6.2's XCLAIM of a deleted entry: nothing to use
+                continue
             if not fields:  # deleted after delivery (acked elsewhere): just clear it
                 gone.append(entry_id)
                 continue

@@ -568,7 +568,10 @@ def _describe(error: dict[str, Any]) -> str:
     field = loc[0] if loc else "settings"
     where = ".".join(loc)
     shown = error.get("input")
-    if field in ("redis_password", "redis_url"):
+    if not loc:
+        # A check across fields: its input is every value given, secrets included.
+        return f"  {error.get('msg')} (check the settings it names)"
+    if field in ("redis_password", "redis_url") or "password" in field:
         shown = "***"
     elif isinstance(shown, dict | list):
         shown = json.dumps(shown)[:200]

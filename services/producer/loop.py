@@ -14,7 +14,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-import redis
 
 from services.producer import metrics
 from services.producer.provider import Provider
@@ -108,7 +107,6 @@ class Producer:
         # contract before it serves anything else (ContractGuard).
         self.guard = ContractGuard(self.keys, self.meta)
         self.client = client_for(settings, retries=0, on_connect=self.guard)
-        self._connections_seen = 0
         self.train_stages = provider.stage_count("train")
         self.tokens_per_batch = settings.batch_size * settings.block_size
         self.lease = ProducerLease(self.client, self.keys, self.token, LEASE_TTL_MS)
@@ -164,7 +162,6 @@ class Producer:
     def _setup(self) -> None:
         """(Re)establish what this producer needs in Redis. Runs at start and
         after every reconnect: a restarted Redis may have lost everything."""
-        self._connections_seen = self.guard.connections
         publish_meta(self.client, self.keys, self.meta)
         # The bound, for trainers to check their ack policy against (not part
         # of the contract: it changes no data).
@@ -236,9 +233,7 @@ class Producer:
                     self.seq - 1,
                 )
             self.lease.release()
-        except (*TRANSIENT_ERRORS, redis.RedisError) as exc:
-            log.info("could not tidy up in Redis on shutdown (%s)", exc)
-        except Exception as exc:  # e.g. a refused password: nothing to tidy
+        except Exception as exc:  # Redis gone, full, or refusing us: nothing to tidy
             log.info("could not tidy up in Redis on shutdown (%s)", exc)
         log.info("producer %s stopped after %d batches", self.lease.producer_id, self.sent_total)
         self.client.close()
@@ -271,9 +266,8 @@ class Producer:
             if self.redis_full:
                 log.info("Redis has room again")
                 self.redis_full = False
-            if self.guard.connections != self._connections_seen:
-                log.warning("reconnected to Redis; restoring this producer's state")
-                self._setup()
+            # (A new connection fails its first command, see ContractGuard.armed:
+            # run() then restores this producer's state before anything is sent.)
             self._record_sent(sent, stats)
             if self.pending:  # the stream is at its bound: back off, then retry
                 started = time.monotonic()

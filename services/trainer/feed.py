@@ -84,7 +84,12 @@ class StreamFeed:
         self._queue: queue.Queue[MicroBatch | BaseException] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"feed-{self.consumer}", daemon=True)
-        self._delivered: dict[bytes, MicroBatch] = {}
+        # Entries handed to training and not acked yet. After a Redis error the
+        # thread re-reads its own pending list (a reply lost in a blip leaves
+        # delivered entries nobody holds) and skips these.
+        self._handed: set[bytes] = set()
+        self._handed_lock = threading.Lock()
+        self._audit: dict[bytes, tuple[int, int]] = {}  # entry -> (producer, seq), for ack_log
         if ack_log is not None:
             ack_log.parent.mkdir(parents=True, exist_ok=True)
         self._ack_log = open(ack_log, "a", buffering=1) if ack_log else None  # noqa: SIM115
@@ -113,7 +118,9 @@ class StreamFeed:
                     joined = True
                     continue
                 if not reclaimed:
-                    delivered = self.reader.reclaim(self.reclaim_idle_ms)
+                    with self._handed_lock:
+                        handed = set(self._handed)
+                    delivered = self.reader.reclaim(self.reclaim_idle_ms, exclude=handed)
                     self._count_reclaimed(delivered)
                     reclaimed = True
                 elif live is not None and time.monotonic() >= next_sweep:
@@ -129,6 +136,7 @@ class StreamFeed:
                 return
             except PASSING as exc:
                 self.redis.failed(exc)
+                reclaimed = False  # whatever a lost reply delivered is in our pending list
                 self._stop.wait(backoff.next_delay())
                 continue
             except redis.ResponseError as exc:
@@ -153,6 +161,8 @@ class StreamFeed:
                 self._put(exc)
                 return
             for entry_id, batch in delivered:
+                with self._handed_lock:
+                    self._handed.add(entry_id)
                 self._put(self._host_batch(entry_id, batch))
 
     def _count_reclaimed(self, delivered: list) -> None:
@@ -206,7 +216,8 @@ class StreamFeed:
             self.wait_s += time.perf_counter() - started
         if isinstance(item, BaseException):
             raise item
-        self._delivered[item.entry_id] = item
+        if self._ack_log is not None:
+            self._audit[item.entry_id] = (item.producer, item.seq)
         return item
 
     def ack(self, entry_ids: list[bytes]) -> int:
@@ -231,13 +242,12 @@ class StreamFeed:
         if self._ack_log is not None:
             lines = []
             for entry_id in entry_ids:
-                mb = self._delivered.get(entry_id)
-                if mb is not None:
-                    lines.append(f"{mb.producer} {mb.seq} {entry_id.decode()}\n")
+                if (audited := self._audit.pop(entry_id, None)) is not None:
+                    lines.append(f"{audited[0]} {audited[1]} {entry_id.decode()}\n")
             self._ack_log.write("".join(lines))
             os.fsync(self._ack_log.fileno())
-        for entry_id in entry_ids:
-            self._delivered.pop(entry_id, None)
+        with self._handed_lock:
+            self._handed.difference_update(entry_ids)
         return acked
 
     def record_failure(self, entry_ids: list[bytes]) -> None:

@@ -72,26 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         "services.trainer",
         *settings,
     ]
-    torchrun = subprocess.Popen(command, start_new_session=True)
     stopping = threading.Event()
+    signalled: set[int] = set()
+    torchrun: subprocess.Popen | None = None
+
+    def signal_ranks() -> None:
+        """SIGTERM every rank not signalled yet (ranks that appear later too)."""
+        if torchrun is None:
+            return
+        for pid in _children(torchrun.pid):
+            if pid not in signalled:
+                signalled.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
 
     def stop(signum: int, _frame: object) -> None:
         if stopping.is_set():
             return
         stopping.set()
-        ranks = _children(torchrun.pid)
         print(
-            f"launch: {signal.Signals(signum).name}: asking {len(ranks)} rank(s) to "
-            "checkpoint and stop",
+            f"launch: {signal.Signals(signum).name}: asking the ranks to checkpoint and stop",
             file=sys.stderr,
             flush=True,
         )
-        for pid in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        signal_ranks()
 
+    # Before torchrun starts: a signal in between must not orphan it.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    torchrun = subprocess.Popen(command, start_new_session=True)
     deadline: float | None = None
     while True:
         try:
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             if not stopping.is_set():
                 continue
+            signal_ranks()  # ranks that were still starting when the signal came
             deadline = deadline or time.monotonic() + GRACE_S
             if time.monotonic() < deadline:
                 continue

@@ -419,9 +419,11 @@ def _run(args: argparse.Namespace) -> None:
             f"prompt characters not in the model's vocabulary: {', '.join(map(repr, unknown))}"
         )
     block = model.config.block_size
+    # An autoregressive sample without a prompt starts from a newline, one position more.
+    start = 1 if model.config.causal and not args.prompt else 0
     if args.length is None:
-        args.length = max(0, block - len(args.prompt))
-    if len(args.prompt) + args.length > block:
+        args.length = max(0, block - len(args.prompt) - start)
+    if len(args.prompt) + start + args.length > block:
         raise SampleError(
             f"prompt ({len(args.prompt)}) + --length ({args.length}) exceeds the model's "
             f"block_size={block}"
@@ -513,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # argparse exits with 2 on its own errors
     try:
         _run(args)
-    except SampleError as exc:
+    except (SampleError, ValueError) as exc:  # ValueError: arguments generate() refuses
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     except CheckpointError as exc:

@@ -5,8 +5,10 @@ atomic checkpoints and resume.
 
 When is an entry acked? With ``ack_policy=step``, once every rank has finished
 the optimizer step that used it. Rather than a barrier per step, the acks of
-step N are sent after the gradient all-reduce of step N+1: no rank can be in
-step N+1's backward before it has finished step N. With
+step N are sent during step N+1, after the small all-reduce that starts every
+step (``_all_ready``): a rank joins it only after its step N is done (its loss
+read back), so once it returns every rank has finished step N. Do not remove
+that all-reduce without replacing this guarantee. With
 ``ack_policy=checkpoint``, entries are acked only after the next checkpoint is
 on disk, so a crash never loses a batch the saved model has not seen.
 """
@@ -253,16 +255,29 @@ class Trainer:
         state = RedisState(f"trainer rank{d.rank}", on_change=metrics.redis_up)
         meta = wait_for_contract(client, keys, stop, state)
         published = ride_out(lambda: client.get(keys.max_backlog), stop, state)
+        if d.enabled:
+            # Every rank gives up together, or none does: a rank alone in DDP's
+            # first collective would wait for the others forever.
+            have = torch.tensor([float(meta is not None)], device=device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not have.item():
+                meta = None
         if meta is None:
             if d.enabled:
                 dist.destroy_process_group()
             return None
         # The producers' bound, as they published it (else this trainer's setting).
-        max_backlog = int(published) if published is not None else settings.max_backlog
+        try:
+            max_backlog = int(published) if published is not None else settings.max_backlog
+        except ValueError:
+            log.warning("ignoring %s = %r: not an integer", keys.max_backlog, published)
+            max_backlog = settings.max_backlog
         check_queue_room(settings, d.world, max_backlog)
-        return cls(
+        trainer = cls(
             settings, stop, meta, client=client, dist_info=d, device=device, redis_state=state
         )
+        trainer.max_backlog = max_backlog
+        return trainer
 
     def __init__(
         self,
@@ -300,6 +315,7 @@ class Trainer:
         )
         self.last_bound: Bound | None = None
         self.rank_label = str(self.d.rank)
+        self.max_backlog = settings.max_backlog  # start() puts the producers' published bound
         self._fail_on = _fail_on()
         self._queue_observed = 0.0
         self.unacked_prev: list[bytes] = []  # step N-1, acked after step N's all-reduce
@@ -323,6 +339,10 @@ class Trainer:
         # trainer's plateau control only matters when they do.
         self.all_stages = bool(meta["use_all_stages_for_training"])
         self.mask_id = int(meta["mask_token_id"])
+        # Stages whose batches the ELBO weighting applies to (t is their drawn ratio).
+        self.uniform_stages = {
+            i for i, stage in enumerate(meta["stages"]["train"]) if stage.get("type") == "uniform"
+        }
 
     def _load_resume(self) -> Checkpoint | None:
         if self.s.init_from != "resume":
@@ -436,11 +456,18 @@ class Trainer:
         return next((flops for key, flops in KNOWN_PEAK_FLOPS.items() if key in name), 0.0)
 
     def _load_validation(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        batches: list[Batch] = read_validation(
-            self.client,
-            self.keys,
-            EntryValidator(self.meta, "val", self.s.max_message_bytes),
-            on_bad=lambda reason: metrics.VALIDATION_SKIPPED.labels(reason).inc(),
+        batches: list[Batch] = (
+            ride_out(
+                lambda: read_validation(
+                    self.client,
+                    self.keys,
+                    EntryValidator(self.meta, "val", self.s.max_message_bytes),
+                    on_bad=lambda reason: metrics.VALIDATION_SKIPPED.labels(reason).inc(),
+                ),
+                self.stop,
+                self.redis,
+            )
+            or []
         )
         limit = min(len(batches), self.s.eval_iters)
         return [
@@ -486,7 +513,11 @@ class Trainer:
             _, loss = self.model(original[:, :-1], original[:, 1:])
             return loss
         x, y = self._to_device(mb.inputs, mb.labels)
-        if self.s.loss_weighting == "elbo" and mb.mask_ratio is not None:
+        if (
+            self.s.loss_weighting == "elbo"
+            and mb.mask_ratio is not None
+            and mb.stage in self.uniform_stages
+        ):
             t = mb.mask_ratio.to(self.device, non_blocking=True).float()
             logits, _ = self.model(x)
             ce = F.cross_entropy(
@@ -710,7 +741,7 @@ class Trainer:
             serve_metrics(s.trainer_metrics_port)
         if self.d.master:
             metrics.WORLD_SIZE.set(self.d.world)
-            metrics.MAX_BACKLOG.set(s.max_backlog)
+            metrics.MAX_BACKLOG.set(self.max_backlog)
             metrics.ACTIVE_STAGE.set(-1 if self.all_stages else self.stage.active)
         if not self.all_stages and self.d.master:
             self._publish_stage()
