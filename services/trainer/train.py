@@ -738,7 +738,7 @@ class Trainer:
         s, p = self.s, self.progress
         self.feed.start()
         if self.d.local_rank == 0:
-            serve_metrics(s.trainer_metrics_port)
+            serve_metrics(s.trainer_metrics_port, s.metrics_address)
         if self.d.master:
             metrics.WORLD_SIZE.set(self.d.world)
             metrics.MAX_BACKLOG.set(self.max_backlog)
