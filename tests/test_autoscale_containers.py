@@ -29,13 +29,19 @@ on Docker Engine's (``make test-docker``); CI runs both.
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import math
 import re
 import shutil
+import socketserver
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +49,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from shared.redis_server import free_port
 from tests.helpers import (
     BASE_IMAGE,
     COMPOSE_ENV,
@@ -59,6 +66,7 @@ from tests.helpers import (
     service_settings,
     stack_env,
     torch_cpu_wheel,
+    wait_until,
 )
 
 MIN_PRODUCERS = 1
@@ -115,15 +123,21 @@ def test_autoscaler_service():
     config = compose_config(COMPOSE_ENV)
     services = config["services"]
     autoscaler = services["autoscaler"]
-    # It starts only when its profile is asked for, which no other service shares.
+    # It starts only when its profile is asked for, which no other service shares but its
+    # engine proxy.
     others = {
-        p for name, s in services.items() if name != "autoscaler" for p in s.get("profiles", [])
+        p
+        for name, s in services.items()
+        if name not in ("autoscaler", "engine-proxy")
+        for p in s.get("profiles", [])
     }
     assert autoscaler["profiles"] and not set(autoscaler["profiles"]) & others
     # The producers' image, which carries the docker SDK for it, built the same way everywhere.
     assert autoscaler["image"] == services["producer"]["image"]
     dockerfile = (REPO / "deploy/docker/producer.Dockerfile").read_text()
-    assert '".[autoscaler]"' in dockerfile
+    assert "requirements/producer.txt" in dockerfile  # with the autoscaler extra: the SDK
+    pinned = (REPO / "deploy/docker/requirements/producer.txt").read_text()
+    assert re.search(r"^docker==", pinned, re.M)
     airgap = compose_config({**COMPOSE_ENV, "CORPUS_FILE": "/corpus.txt"}, REPO / COMPOSE_FILES[1])
     for built in (config, airgap):
         assert built["services"]["autoscaler"]["build"] == built["services"]["producer"]["build"]
@@ -142,14 +156,21 @@ def test_autoscaler_service():
     url = urllib.parse.urlsplit(settings.prometheus_url)
     assert url.hostname in services and url.port == 9090  # Prometheus's default listen port
     assert not any(a.startswith("--web.listen-address") for a in services[url.hostname]["command"])
-    socket_path = autoscaler["environment"]["DOCKER_HOST"].removeprefix("unix://")
-    assert any(v.split(":")[1] == socket_path for v in autoscaler["volumes"])
-    # The engine socket is root on the host: only the autoscaler mounts it (as root, see the
-    # note in docker-compose.yml).
-    assert autoscaler["user"] == "root"
+    # The engine socket is root on the host: only the proxy mounts it, and the autoscaler,
+    # a non-root user, reaches the engine through the proxy (same profile) only.
+    assert autoscaler["environment"]["DOCKER_HOST"] == "tcp://engine-proxy:2375"
+    assert autoscaler.get("user") is None  # the image's: maskstream, uid 10001
+    assert "volumes" not in autoscaler
+    proxy = services["engine-proxy"]
+    assert (
+        proxy["profiles"] == autoscaler["profiles"] and "engine-proxy" in autoscaler["depends_on"]
+    )
+    assert "2375" in proxy["expose"] and "ports" not in proxy
+    assert any(v.split(":")[1] == "/var/run/docker.sock" for v in proxy["volumes"])
+    assert proxy["command"][-1] == "/etc/maskstream/engine-proxy/haproxy.cfg"
     for name, service in services.items():
-        if name != "autoscaler":
-            assert not any("docker.sock" in str(v) for v in service.get("volumes", [])), name
+        if name != "engine-proxy":
+            assert not any(".sock" in str(v) for v in service.get("volumes", [])), name
 
 
 def test_the_knobs_this_test_turns_reach_the_autoscaler():
@@ -394,8 +415,18 @@ def test_autoscaler_feeds_a_starved_trainer_then_scales_back(rig: Rig):
     assert len(stack.containers("producer")) == MIN_PRODUCERS
     (autoscaler,) = stack.containers("autoscaler")
     (trainer,) = stack.containers("trainer-cpu")
-    # Root in the autoscaler only (the engine socket's owner; see docker-compose.yml).
-    assert stack.cli("exec", autoscaler, "id", "-u").strip() == "0"
+    # The autoscaler is no root, and the proxy refuses it anything but its own calls.
+    assert stack.cli("exec", autoscaler, "id", "-u").strip() != "0"
+    probe = (
+        "import docker; c = docker.DockerClient(base_url='tcp://engine-proxy:2375'); "
+        "c.ping(); print(len(c.containers.list()));\n"
+        "for call in (c.images.list, c.volumes.list, c.networks.list, c.info):\n"
+        "    try: call(); print('allowed', call.__name__)\n"
+        "    except docker.errors.APIError as e: print('refused', e.status_code)"
+    )
+    answers = stack.cli("exec", autoscaler, "python", "-c", probe).split("\n")
+    assert answers[0].strip().isdigit(), answers
+    assert [a for a in answers[1:] if a.strip()] == ["refused 403"] * 4, answers
 
     def until(phase: str, done, timeout: float, what: str) -> Sample:
         deadline = time.monotonic() + timeout
@@ -426,6 +457,7 @@ def test_autoscaler_feeds_a_starved_trainer_then_scales_back(rig: Rig):
     peak = max(s.engine for s in rig.samples)
     fed_at = fed.t
     say(f"fed with {fed.engine} producers after {fed_at:.0f} s (peak {peak})")
+    _replicas_keep_the_hardening(rig)
     # Prometheus finds the autoscaler by its service name, on 9300.
     (target,) = prom.targets("autoscaler").items()
     assert target[0].endswith(":9300") and target[1] == "up", target
@@ -461,3 +493,209 @@ def test_autoscaler_feeds_a_starved_trainer_then_scales_back(rig: Rig):
     # Both changes were the autoscaler's, for the expected reasons.
     for pattern in (r"starving: 1 -> \d+ producers", rf"queue_full: \d+ -> {MIN_PRODUCERS} "):
         assert any(re.search(pattern, line) for line in changes), (pattern, changes)
+
+
+# ------------------------------------------------------------------ the engine proxy
+
+PROXY_CFG = REPO / "deploy/engine-proxy/haproxy.cfg"
+
+
+class _FakeEngine(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """An 'engine' on a unix socket that answers 200 to anything and records the requests:
+    what reaches it got through the proxy."""
+
+    daemon_threads = True
+
+    def __init__(self, path: Path) -> None:
+        self.seen: list[str] = []
+        engine = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                engine.seen.append(f"{self.command} {self.path}")
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_HEAD = do_POST = do_DELETE = do_PUT = _any
+
+            def address_string(self) -> str:
+                return "engine"
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(str(path), Handler)
+
+
+def test_the_engine_proxy_allows_exactly_the_autoscalers_calls(tmp_path):
+    """deploy/engine-proxy/haproxy.cfg, run by a real haproxy in front of a fake engine: the
+    calls the autoscaler makes pass; exec, images, volumes, networks, kill, archive and a
+    create that asks for privileges are refused (403) and never reach the engine."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.fail("haproxy not found: apt-get install haproxy")
+    sock = tmp_path / "engine.sock"
+    engine = _FakeEngine(sock)
+    threading.Thread(target=engine.serve_forever, daemon=True).start()
+    port = free_port()
+    cfg = PROXY_CFG.read_text()
+    assert "bind :2375" in cfg and "server engine /var/run/docker.sock" in cfg
+    cfg = cfg.replace("bind :2375", f"bind 127.0.0.1:{port}")
+    cfg = cfg.replace("/var/run/docker.sock", str(sock))
+    (tmp_path / "haproxy.cfg").write_text(cfg)
+    proc = subprocess.Popen(
+        [haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    template = {"Image": "producer", "HostConfig": {"CapDrop": ["ALL"], "ReadonlyRootfs": True}}
+    allowed = [
+        ("GET", "/_ping", None),
+        ("HEAD", "/_ping", None),
+        ("GET", "/version", None),
+        ("GET", "/v1.41/containers/json?filters=%7B%7D", None),
+        ("GET", "/v1.41/containers/abc123/json", None),
+        ("POST", "/v1.41/containers/create?name=maskstream-producer-3", template),
+        ("POST", "/v1.41/containers/abc123/start", None),
+        ("POST", "/v1.41/containers/abc123/stop?t=10", None),
+        ("DELETE", "/v1.41/containers/abc123", None),
+    ]
+    escalations = [
+        {"HostConfig": {"Privileged": True}},
+        {"HostConfig": {"CapAdd": ["SYS_ADMIN"]}},
+        {"HostConfig": {"PidMode": "host"}},
+        {"HostConfig": {"NetworkMode": "host"}},
+        {"HostConfig": {"Binds": ["/var/run/docker.sock:/var/run/docker.sock"]}},
+        {"HostConfig": {"Devices": [{"PathOnHost": "/dev/sda"}]}},
+    ]
+    refused = [
+        ("POST", "/v1.41/containers/abc123/exec", {"Cmd": ["sh"]}),
+        ("POST", "/v1.41/exec/abc/start", {}),
+        ("GET", "/v1.41/images/json", None),
+        ("POST", "/v1.41/images/create?fromImage=evil", None),
+        ("DELETE", "/v1.41/images/producer", None),
+        ("GET", "/v1.41/volumes", None),
+        ("POST", "/v1.41/volumes/create", {}),
+        ("GET", "/v1.41/networks", None),
+        ("POST", "/v1.41/build", None),
+        ("POST", "/v1.41/containers/abc123/kill", None),
+        ("PUT", "/v1.41/containers/abc123/archive?path=/", None),
+        ("GET", "/v1.41/containers/abc123/archive?path=/run/secrets", None),
+        ("POST", "/v1.41/containers/abc123/update", {}),
+        ("POST", "/v1.41/commit?container=abc123", None),
+        ("GET", "/v1.41/containers/abc123/logs", None),
+        ("GET", "/v1.41/info", None),
+        ("DELETE", "/v1.41/containers/abc123/../../images/x", None),
+        *[("POST", "/v1.41/containers/create", {**template, **e}) for e in escalations],
+    ]
+
+    def call(method: str, path: str, body: dict | None) -> int:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except urllib.error.URLError:
+            return 0  # not listening yet
+
+    try:
+        wait_until(lambda: call("GET", "/_ping", None) == 200, 20, "haproxy")
+        engine.seen.clear()
+        for method, path, body in allowed:
+            assert call(method, path, body) == 200, (method, path)
+        assert len(engine.seen) == len(allowed)
+        for method, path, body in refused:
+            assert call(method, path, body) == 403, (method, path, body)
+        assert len(engine.seen) == len(allowed), engine.seen[len(allowed) :]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        engine.shutdown()
+
+
+# What a replica the autoscaler starts must keep from the compose-made one it copies.
+HARDENING = (
+    "CapDrop",
+    "CapAdd",
+    "SecurityOpt",
+    "ReadonlyRootfs",
+    "Tmpfs",
+    "Memory",
+    "PidsLimit",
+    "Privileged",
+)
+
+
+def _replicas_keep_the_hardening(rig: Rig) -> None:
+    """Every running producer, those compose made and those the autoscaler added, has the
+    same hardening settings and the same mounts (the secret included) and user."""
+    producers = rig.engine.containers.list(
+        filters={
+            "label": [
+                f"com.docker.compose.project={PROJECT}",
+                "com.docker.compose.service=producer",
+            ]
+        }
+    )
+    assert len(producers) > MIN_PRODUCERS
+    views = {}
+    for container in producers:
+        host = container.attrs["HostConfig"]
+        mounts = sorted((m["Destination"], m.get("RW")) for m in container.attrs["Mounts"])
+        views[container.name] = (
+            {key: host.get(key) for key in HARDENING},
+            mounts,
+            container.attrs["Config"].get("User"),
+        )
+    first, *others = views.values()
+    assert all(view == first for view in others), views
+    hardening, mounts, _user = first
+    assert hardening["ReadonlyRootfs"] is True and hardening["Memory"] > 0, hardening
+    assert any(m[0] == "/run/secrets/redis-producer" for m in mounts), mounts
+    _say(rig.pytestconfig, f"{len(producers)} producers, one hardening: {hardening}")
+
+
+def test_a_copy_keeps_every_hardening_setting_and_mount():
+    """What engine.py passes to create for a copy: the template's hardening, mounts and
+    limits as the Engine API names them (podman's RLIMIT_ names made the API's), nothing
+    unset, nothing else."""
+    from services.autoscaler.engine import copied_host_config
+
+    template = {
+        "Binds": ["corpus-cache:/cache:rw"],
+        "Mounts": [
+            {
+                "Type": "bind",
+                "Source": "/s/redis-producer",
+                "Target": "/run/secrets/redis-producer",
+                "ReadOnly": True,
+            }
+        ],
+        "Tmpfs": {"/tmp": ""},
+        "CapAdd": None,
+        "CapDrop": ["ALL"],
+        "SecurityOpt": ["no-new-privileges:true"],
+        "ReadonlyRootfs": True,
+        "Privileged": False,
+        "Memory": 536870912,
+        "PidsLimit": 64,
+        "Ulimits": [{"Name": "RLIMIT_NOFILE", "Soft": 16384, "Hard": 16384}],
+        "RestartPolicy": {"Name": "unless-stopped"},
+        "NetworkMode": "maskstream_default",
+        "PortBindings": {},
+        "Devices": [],
+    }
+    copy = copied_host_config(template)
+    for key in ("Binds", "Mounts", "Tmpfs", "CapDrop", "SecurityOpt", "ReadonlyRootfs"):
+        assert copy[key] == template[key], key
+    assert copy["Memory"] == 536870912 and copy["PidsLimit"] == 64
+    assert copy["Privileged"] is False and "CapAdd" not in copy
+    assert copy["Ulimits"] == [{"Name": "nofile", "Soft": 16384, "Hard": 16384}]
+    assert not {"NetworkMode", "PortBindings", "Devices"} & set(copy)

@@ -280,7 +280,7 @@ def test_nothing_is_exposed_and_every_container_is_hardened(compose):
         assert service["security_opt"] == ["no-new-privileges:true"], name
         assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
         assert service["mem_limit"] and int(service["pids_limit"]) > 0, name
-        if name != "autoscaler":  # root for the engine socket: see docker-compose.yml
+        if name != "engine-proxy":  # root, the engine socket's owner: see docker-compose.yml
             assert service.get("user") not in ("root", "0"), name
     assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
     grafana = services["grafana"]["environment"]
@@ -315,13 +315,14 @@ def test_redis_keeps_an_append_only_file_on_its_volume(compose):
 
 
 def test_airgap_builds_the_shared_image_once():
-    """Redis, the exporter and Prometheus run one image in the air-gapped stack: one service
-    builds it, the others only use its tag and never try a registry for it."""
+    """Redis, the exporter, Prometheus and the engine proxy run one image in the air-gapped
+    stack: one service builds it, the others only use its tag and never try a registry for
+    it."""
     airgap = compose_config({**COMPOSE_ENV, "CORPUS_FILE": "/corpus.txt"}, REPO / COMPOSE_FILES[1])
     services = airgap["services"]
     shared = services["redis"]["image"]
     users = {name for name, service in services.items() if service.get("image") == shared}
-    assert users == {"redis", "redis-exporter", "prometheus"}
+    assert users == {"redis", "redis-exporter", "prometheus", "engine-proxy"}
     builders = {name for name in users if "build" in services[name]}
     assert builders == {"redis"}
     for name in users - builders:
@@ -711,7 +712,8 @@ def test_stack_scales_producers_and_trains(stack: Stack, pytestconfig):
     _no_password_in_environment_or_command_line(stack, pytestconfig)
     _containers_are_hardened(stack)
     # Every role did its work as its own user: Redis refused none of them anything.
-    assert _redis_cli(stack, "acl", "log") == [], "refused commands (ACL LOG)"
+    refused = [line for line in _redis_cli(stack, "acl", "log") if line.strip()]
+    assert refused == [], "refused commands (ACL LOG)"
 
     _redis_keeps_its_data_through_sigkill(stack, pytestconfig)
 
@@ -847,3 +849,57 @@ def test_cuda_trainer_requirement_resolves(tmp_path, pytestconfig):
         f"CUDA trainer: {spec} resolves with {len(cuda)} nvidia-* wheels "
         f"({time.monotonic() - started:.0f} s)",
     )
+
+
+# ------------------------------------------------------------------------ supply chain
+
+
+def _requirements(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, sha256 hashes) of a hashed requirements file."""
+    text = path.read_text().replace("\\\n", " ")
+    found = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        spec, *options = line.split()
+        name, version = spec.split("==")
+        hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=")]
+        found[name] = (version, hashes)
+    return found
+
+
+def test_images_install_hashed_requirements_and_no_extra_index():
+    """The producer and trainer images install every dependency from a requirements file
+    with a sha256 per wheel (--require-hashes) and the project itself without deps; every
+    dependency pyproject.toml names is pinned there; no file of the repository gives
+    pip an extra index (one index per pip step: no name shadowed from another index)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(specs: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower() for spec in specs}
+
+    wanted = {
+        "producer": names(project["dependencies"] + project["optional-dependencies"]["autoscaler"]),
+        "trainer": names(project["dependencies"]),
+    }
+    for image, dependencies in wanted.items():
+        dockerfile = (REPO / f"deploy/docker/{image}.Dockerfile").read_text()
+        requirements = REPO / f"deploy/docker/requirements/{image}.txt"
+        assert f"COPY deploy/docker/requirements/{image}.txt" in dockerfile
+        assert "--require-hashes --no-deps -r /tmp/requirements.txt" in dockerfile
+        assert "pip install --no-deps ." in dockerfile and "pip check" in dockerfile
+        pinned = _requirements(requirements)
+        assert dependencies <= set(pinned), dependencies - set(pinned)
+        for name, (version, hashes) in pinned.items():
+            assert re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", version), name
+            assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
+    flag = "--extra-" + "index-url"
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for path in tracked:
+        file = REPO / path
+        if file.is_file() and file.suffix not in (".whl", ".json", ".pt"):
+            assert flag not in file.read_text(errors="replace"), path

@@ -11,10 +11,10 @@ LABEL maskstream.image=debian-services
 RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
     && apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        redis-server prometheus prometheus-redis-exporter \
+        redis-server prometheus prometheus-redis-exporter haproxy \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
     && install -d -o nobody -g nogroup /prometheus \
     && install -d -o redis -g redis -m 0750 /data \
     && redis-server --version && prometheus --version 2>&1 | head -1 \
-    && prometheus-redis-exporter --version 2>&1 | head -1
+    && prometheus-redis-exporter --version 2>&1 | head -1 && haproxy -v | head -1
 USER nobody

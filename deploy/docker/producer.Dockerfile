@@ -25,11 +25,16 @@ RUN python3 -m venv /opt/venv \
     && install -d -o maskstream -g maskstream /cache
 
 WORKDIR /app
+# Dependencies first, each pinned with the sha256 of its wheel (pip refuses any other file:
+# deploy/docker/pin-requirements.py writes the list), then the project itself without deps.
+# The wheels are bind-mounted for this step only: they never land in a layer.
+COPY deploy/docker/requirements/producer.txt /tmp/requirements.txt
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    pip install --find-links /wheels --require-hashes --no-deps -r /tmp/requirements.txt
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
-# The wheels are bind-mounted for this step only: they never land in a layer.
-RUN --mount=type=bind,from=wheels,target=/wheels pip install --find-links /wheels ".[autoscaler]"
+RUN pip install --no-deps . && pip check
 
 USER maskstream
 ENV CACHE_DIR=/cache

@@ -10,8 +10,10 @@
 #                    e.g. TORCH_SPEC=torch==2.13.0+cu126 with
 #                    TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126.
 #                    The CPU image uses torch==2.13.0+cpu.
-#   TORCH_INDEX_URL  an extra index for torch (e.g. https://download.pytorch.org/whl/cpu or
-#                    .../cu126); empty = PyPI and the wheel directory only
+#   TORCH_INDEX_URL  the index torch and its own dependencies come from, instead of PyPI
+#                    (--index-url, never an extra index: one index per step, so no package
+#                    name can be shadowed from another), e.g. https://download.pytorch.org/whl/cpu
+#                    or .../cu126; empty = PyPI and the wheel directory only
 #   WHEEL_DIR        a directory inside the build context whose wheels pip prefers to any index
 #                    (deploy/docker/wheels by default; see its README)
 ARG BASE_IMAGE=python:3.11-slim
@@ -36,7 +38,7 @@ RUN python3 -m venv /opt/venv \
 # bind-mounted for this step only, so a wheel never lands in a layer twice.
 RUN --mount=type=bind,from=wheels,target=/wheels \
     pip install --find-links /wheels \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" \
     && python -W ignore -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 WORKDIR /app
@@ -44,7 +46,12 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY deploy/docker/trainer-entrypoint.sh /usr/local/bin/trainer-entrypoint
-RUN --mount=type=bind,from=wheels,target=/wheels pip install --find-links /wheels ".[trainer]"
+# Every other dependency pinned with the sha256 of its wheel (deploy/docker/pin-requirements.py),
+# then the project itself without deps; pip check proves torch's and ours agree.
+COPY deploy/docker/requirements/trainer.txt /tmp/requirements.txt
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    pip install --find-links /wheels --require-hashes --no-deps -r /tmp/requirements.txt \
+    && pip install --no-deps . && pip check
 
 USER maskstream
 ENV CACHE_DIR=/cache OUT_DIR=/runs/default NPROC_PER_NODE=gpu

@@ -57,7 +57,15 @@ COPIED_HOST_CONFIG = (
 def copied_host_config(host: dict[str, Any]) -> dict[str, Any]:
     """The HostConfig of a copy of a container whose HostConfig is ``host``: the fields
     of COPIED_HOST_CONFIG that are set (an engine reads a missing one as its default)."""
-    return {key: host[key] for key in COPIED_HOST_CONFIG if host.get(key) not in (None, "", [])}
+    copied = {key: host[key] for key in COPIED_HOST_CONFIG if host.get(key) not in (None, "", [])}
+    if "Ulimits" in copied:
+        # Podman's inspect names them RLIMIT_NOFILE, which its own create refuses: the API's
+        # names are nofile, nproc, ...
+        copied["Ulimits"] = [
+            {**limit, "Name": limit["Name"].lower().removeprefix("rlimit_")}
+            for limit in copied["Ulimits"]
+        ]
+    return copied
 
 
 class EngineError(RuntimeError):
