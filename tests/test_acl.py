@@ -318,3 +318,34 @@ def test_services_refuse_placeholder_weak_and_unsafe_passwords(tmp_path, passwor
         load_settings(args, env={})
     if why != "placeholder":
         assert password not in str(err.value)
+
+
+def test_the_autoscaler_refused_by_redis_exits_2_naming_its_user(acl, tmp_path):
+    """A wrong password or an unknown user stops the autoscaler at start (exit 2, the user
+    named), instead of retrying a login forever as if Redis were down."""
+    server, secrets_dir, _ = acl
+    (tmp_path / "wrong").write_text("0123456789abcdef0123456789abcdef")
+    for user, password_file, said in [
+        ("autoscaler", tmp_path / "wrong", "refused the credentials of user 'autoscaler'"),
+        ("nobody", secrets_dir / "redis-autoscaler", "refused the credentials of user 'nobody'"),
+    ]:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.autoscaler",
+                "--dry_run",
+                f"--redis_url={server.url}",
+                f"--redis_username={user}",
+                f"--redis_password_file={password_file}",
+                "--prometheus_url=http://127.0.0.1:9/",
+                "--autoscaler_metrics_port=0",
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "DOCKER_HOST": "unix:///nonexistent"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert said in result.stderr and "Traceback" not in result.stderr, result.stderr

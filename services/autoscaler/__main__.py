@@ -17,6 +17,7 @@ from services.autoscaler.engine import EngineError, Replicas, connect_engine, ow
 from services.autoscaler.policy import CHANGES, PolicyConfig, PolicyState, decide
 from services.autoscaler.signals import PrometheusError, prometheus_scalar, read_signals
 from shared.exit_codes import ExitCode
+from shared.faults import REFUSED, refusal_message
 from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.metrics import serve as serve_metrics
@@ -64,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         replicas = Replicas(engine, project, settings.producer_service, settings.stop_timeout_s)
     client = client_for(settings)
     keys = StreamKeys(settings.namespace)
+    try:  # credentials and the one permission it needs, checked before anything else
+        client.xlen(keys.train)
+    except REFUSED as exc:
+        log.error("%s", refusal_message(exc, "autoscaler", settings.redis_username))
+        return ExitCode.CONFIG
+    except TRANSIENT_ERRORS as exc:
+        log.warning("Redis unavailable at start (%s); the loop keeps trying", exc)
     stop = stop_on_signals(log, "stopping after this decision")
     serve_metrics(settings.autoscaler_metrics_port, settings.metrics_address)
     log.info(
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                 max_backlog=settings.max_backlog,
                 window=settings.rate_window,
             )
+        except REFUSED as exc:  # before TRANSIENT_ERRORS: a refused login is a ConnectionError
+            log.error("%s", refusal_message(exc, "autoscaler", settings.redis_username))
+            return ExitCode.CONFIG
         except (PrometheusError, EngineError, *TRANSIENT_ERRORS) as exc:
             metrics.ERRORS.labels("observe").inc()
             log.warning("cannot observe (%s); trying again", exc)
