@@ -208,7 +208,7 @@ def mask_windows(
     original window.
     """
     inputs, labels, _ratio = mask_windows_with_ratio(
-        rng, windows, stage, mask_id=mask_id, n_real=n_real, ignore_value=ignore_value
+        rng, windows, stage, mask_id=mask_id, n_real=n_real, ignore_value=ignore_value, ratio=False
     )
     return inputs, labels
 
@@ -221,20 +221,22 @@ def mask_windows_with_ratio(
     mask_id: int,
     n_real: int,
     ignore_value: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ratio: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`mask_windows`, plus each row's mask ratio (float32, (B,)): the
-    drawn t of a ``uniform`` stage, else the share of the row selected."""
+    drawn t of a ``uniform`` stage, else the share of the row selected (None
+    with ``ratio=False``, which skips computing it)."""
     if isinstance(stage, UniformStage):
-        selected, ratio = select_uniform(rng, windows.shape, stage.min_ratio)
+        selected, t = select_uniform(rng, windows.shape, stage.min_ratio)
     else:
         selected = select(rng, windows.shape, stage)
-        ratio = selected.mean(axis=1, dtype=np.float32)
+        t = selected.mean(axis=1, dtype=np.float32) if ratio else None
     if isinstance(stage, SpanStage | UniformStage):
         inputs = np.where(selected, windows.dtype.type(mask_id), windows)
     else:
         inputs = corrupt_bert(rng, windows, selected, mask_id, n_real)
     labels = np.where(selected, windows, windows.dtype.type(ignore_value))
-    return inputs, labels, ratio
+    return inputs, labels, t
 
 
 # ------------------------------------------------------------ stage choice

@@ -302,9 +302,17 @@ class Trainer:
         self._adopt_contract(meta)
         self.ckpt_path = checkpoint_path(settings.out_dir)
         resume = self._load_resume()
-        self._build_model(resume)
-        self._build_optimizer(resume)
-        self._restore_progress(resume)
+        try:
+            self._build_model(resume)
+            self._build_optimizer(resume)
+            self._restore_progress(resume)
+        except (TypeError, ValueError, KeyError) as exc:
+            if resume is None:
+                raise
+            # A checkpoint that loads but does not fit (edited, or of another trainer version).
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} cannot be resumed: {type(exc).__name__}: {exc}"
+            ) from exc
         self._build_feed()
         self.val_batches = self._load_validation()
         # The original windows of the validation batches, for the likelihood bound.
@@ -700,7 +708,9 @@ class Trainer:
             dist.all_reduce(counts)
         self.model.train()
         per_stage = {k: (sums[k] / counts[k]).item() for k in range(n) if counts[k] > 0}
-        return (sums.sum() / counts.sum().clamp(min=1)).item(), per_stage
+        if counts.sum() == 0:  # no usable validation batch: no loss, not a perfect one
+            return math.nan, per_stage
+        return (sums.sum() / counts.sum()).item(), per_stage
 
     # -------------------------------------------------------- checkpoints
 
@@ -858,7 +868,7 @@ class Trainer:
                     {"val_loss": val_loss, f"val_{name}_bits_per_char": bound.bits},
                     step=p.iter_num,
                 )
-        if not self.all_stages:
+        if not self.all_stages and not math.isnan(val_loss):
             # Patience comes from the contract: the stages the producers make.
             patience = self.meta["stages"]["train"][self.stage.active].get("val_loss_stale_count")
             # Every rank updates its stage state; the first one publishes it.

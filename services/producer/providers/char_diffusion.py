@@ -93,6 +93,7 @@ class CharDiffusionProvider(Provider):
             mask_id=self.tokenizer.mask_id,
             n_real=self.tokenizer.n_real,
             ignore_value=self.tokenizer.ignore_value,
+            ratio=self._with_ratio,
         )
         if self._with_ratio:
             return {"input": inputs, "labels": labels, "mask_ratio": ratio}
