@@ -118,6 +118,7 @@ class RedisServer:
                 except redis.ConnectionError:
                     pass
                 if time.monotonic() > deadline:
+                    self.kill()  # never leave a server behind that nobody will stop
                     raise RedisServerError(f"redis-server did not answer PING (see {self.log})")
                 time.sleep(0.02)
         finally:
