@@ -349,3 +349,18 @@ def test_the_autoscaler_refused_by_redis_exits_2_naming_its_user(acl, tmp_path):
         )
         assert result.returncode == 2, result.stderr[-2000:]
         assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_clients_may_announce_themselves_where_redis_knows_how(tmp_path):
+    """Redis 7.2+ gets CLIENT SETINFO for every role (redis-py sends it on connect); 7.0,
+    which has no such subcommand and would refuse to load the file, does not."""
+    write_role_secrets(tmp_path)
+    for version, expected in (("7.0", 0), ("7.2", 4), ("7.4", 4), ("8.0", 4)):
+        text = subprocess.run(
+            ["sh", str(ACL_SCRIPT), str(tmp_path)],
+            env={**os.environ, "REDIS_VERSION": version},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert text.count("+client|setinfo") == expected, version

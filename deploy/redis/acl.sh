@@ -56,6 +56,15 @@ hash_of() {
     printf '%s' "$password" | sha256sum | cut -d' ' -f1
 }
 
+# Redis 7.2+ clients announce themselves (redis-py sends CLIENT SETINFO on every connect and
+# ignores a refusal, which would still fill ACL LOG): allow it there. 7.0 knows no such
+# subcommand, and an ACL file naming it would not load. REDIS_VERSION overrides the check.
+version=${REDIS_VERSION:-$(redis-server --version 2>/dev/null | sed -n 's/.*v=\([0-9]*\.[0-9]*\).*/\1/p')}
+setinfo=""
+case $version in
+    7.[2-9]* | 7.[1-9][0-9]* | [8-9].* | [1-9][0-9]*.*) setinfo="+client|setinfo" ;;
+esac
+
 producer=$(hash_of producer)
 trainer=$(hash_of trainer)
 exporter=$(hash_of exporter)
@@ -65,9 +74,9 @@ k=$ns
 
 cat <<ACL
 user default off resetpass nocommands resetkeys resetchannels
-user producer on #$producer resetchannels -@all +ping +multi +exec +discard +watch +unwatch +evalsha +eval +script|load +script|exists +time +get +set +incrby +del +pexpire +xadd +xlen +hget +hset +hdel +hgetall ~$k:meta ~$k:train ~$k:val ~$k:val:done ~$k:val:lock ~$k:train:max_backlog ~$k:train:produced ~$k:train:reserved ~$k:producer:* %R~$k:stage
-user trainer on #$trainer resetchannels -@all +ping +get +set +xrange +xadd +hincrby +hmget +hdel %R~$k:meta %R~$k:val %R~$k:val:done %R~$k:train:max_backlog ~$k:stage ~$k:dead ~$k:train:failures:* (~$k:train -@all +xreadgroup +xack +xdel +xautoclaim +xclaim +xpending +xinfo|consumers +xgroup|create +xgroup|delconsumer +xlen)
-user exporter on #$exporter resetchannels -@all +ping +select +client|setname +info +config|get +slowlog|get +slowlog|len +latency|latest +client|list +dbsize +type +xinfo +xlen +strlen +hlen %R~$k:*
-user autoscaler on #$autoscaler resetchannels -@all +ping +xlen %R~$k:train
+user producer on #$producer resetchannels -@all $setinfo +ping +multi +exec +discard +watch +unwatch +evalsha +eval +script|load +script|exists +time +get +set +incrby +del +pexpire +xadd +xlen +hget +hset +hdel +hgetall ~$k:meta ~$k:train ~$k:val ~$k:val:done ~$k:val:lock ~$k:train:max_backlog ~$k:train:produced ~$k:train:reserved ~$k:producer:* %R~$k:stage
+user trainer on #$trainer resetchannels -@all $setinfo +ping +get +set +xrange +xadd +hincrby +hmget +hdel %R~$k:meta %R~$k:val %R~$k:val:done %R~$k:train:max_backlog ~$k:stage ~$k:dead ~$k:train:failures:* (~$k:train -@all +xreadgroup +xack +xdel +xautoclaim +xclaim +xpending +xinfo|consumers +xgroup|create +xgroup|delconsumer +xlen)
+user exporter on #$exporter resetchannels -@all $setinfo +ping +select +client|setname +info +config|get +slowlog|get +slowlog|len +latency|latest +client|list +dbsize +type +xinfo +xlen +strlen +hlen %R~$k:*
+user autoscaler on #$autoscaler resetchannels -@all $setinfo +ping +xlen %R~$k:train
 user admin on #$admin ~* &* +@all
 ACL
