@@ -777,6 +777,7 @@ def _redis_keeps_its_data_through_sigkill(stack: Stack, pytestconfig) -> None:
     meta = _redis_cli(stack, "get", keys.meta)
     produced = _pairs(_redis_cli(stack, "hgetall", keys.produced))
     assert meta and produced, "nothing produced yet"
+    keys_before = _redis_cli(stack, "keys", "*")
     # Written (and answered) just before the kill: in the page cache, not yet fsynced.
     assert _redis_cli(stack, "set", "maskstream:ci:sigkill", "written") == ["OK"]
     pid = stack.cli("inspect", "--format", "{{.State.Pid}}", redis).strip()
@@ -794,8 +795,15 @@ def _redis_keeps_its_data_through_sigkill(stack: Stack, pytestconfig) -> None:
     _wait(restarted, 60, "redis answering again after SIGKILL", stack)
     assert _redis_cli(stack, "get", "maskstream:ci:sigkill") == ["written"]
     assert _redis_cli(stack, "get", keys.meta) == meta
-    after = _pairs(_redis_cli(stack, "hgetall", keys.produced))
-    assert set(after) >= set(produced)
+    after = _pairs([line for line in _redis_cli(stack, "hgetall", keys.produced) if line])
+    assert set(after) >= set(produced), (
+        produced,
+        after,
+        keys_before,
+        _redis_cli(stack, "keys", "*"),
+        stack.cli("exec", redis, "ls", "-la", f"{data_dir}/appendonlydir"),
+        stack.cli("logs", redis)[-4000:],
+    )
     assert all(int(after[p]) >= int(seq) for p, seq in produced.items()), (produced, after)
     _say(
         pytestconfig,
