@@ -82,7 +82,7 @@ endif
 up: .env ## start the stack: Redis, producers, CPU trainer, exporter, Prometheus :9090, Grafana :3000 (AIRGAP=1: no registry)
 	$(if $(AIRGAP),deploy/docker/debian-base.sh)
 	$(COMPOSE) up -d --build
-	@echo "Grafana: http://localhost:3000 (anonymous viewer; admin login in .env), Prometheus: http://localhost:9090"
+	@echo "Grafana: http://localhost:3000 (user admin, password in .secrets/grafana-admin), Prometheus: http://localhost:9090"
 
 down: ## stop the stack, remove its containers; Redis's data stays (ARGS=-v: every volume emptied)
 	$(COMPOSE) down --remove-orphans $(ARGS)

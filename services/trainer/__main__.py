@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return ExitCode.CONFIG
     except REFUSED as exc:
-        log.error("%s", refusal_message(exc, "trainer"))
+        log.error("%s", refusal_message(exc, "trainer", settings.redis_username))
         return ExitCode.CONFIG
     if trainer is None:
         log.info("stopped before producers published the contract")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return ExitCode.CONTRACT
     except REFUSED as exc:
-        log.error("%s", refusal_message(exc, "trainer"))
+        log.error("%s", refusal_message(exc, "trainer", settings.redis_username))
         return ExitCode.CONFIG
     finally:
         trainer.close()
