@@ -20,6 +20,7 @@ from shared.codec import (
     Batch,
     CodecError,
     TensorSpec,
+    _check_schema,  # the same schema check as the codec's
 )
 
 MAX_DEPTH = 6
@@ -109,17 +110,6 @@ def _tensor(name: Any, value: Any) -> np.ndarray:
     array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     array.flags.writeable = False
     return array
-
-
-def _check_schema(tensors: dict[str, np.ndarray], schema: dict[str, TensorSpec]) -> None:
-    if set(tensors) != set(schema):
-        raise CodecError(
-            "schema_mismatch", f"tensors {sorted(tensors)}, the schema has {sorted(schema)}"
-        )
-    for name, spec in schema.items():
-        got = TensorSpec(tensors[name].dtype.name, tuple(tensors[name].shape))
-        if got != spec:
-            raise CodecError("schema_mismatch", f"tensor {name!r} is {got}, the schema says {spec}")
 
 
 class _Reader:
