@@ -48,6 +48,15 @@ from shared.settings import (  # noqa: E402 - after the environment above
 log = logging.getLogger("services.trainer")
 
 
+def _refused(exc: Exception, user: str | None) -> int:
+    """Log why the trainer cannot go on, and the exit code that says who must act."""
+    if isinstance(exc, REFUSED):
+        log.error("%s", refusal_message(exc, "trainer", user))
+        return ExitCode.CONFIG
+    log.error("%s", exc)
+    return ExitCode.CONFIG if isinstance(exc, TrainerConfigError) else ExitCode.CONTRACT
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv, service=TrainerConfig)
@@ -59,15 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_on_signals(log, "finishing this step, checkpointing, stopping")
     try:
         trainer = Trainer.start(settings, stop)
-    except (ContractMismatch, CheckpointError) as exc:
-        log.error("%s", exc)
-        return ExitCode.CONTRACT
-    except TrainerConfigError as exc:
-        log.error("%s", exc)
-        return ExitCode.CONFIG
-    except REFUSED as exc:
-        log.error("%s", refusal_message(exc, "trainer", settings.redis_username))
-        return ExitCode.CONFIG
+    except (ContractMismatch, CheckpointError, TrainerConfigError, *REFUSED) as exc:
+        return _refused(exc, settings.redis_username)
     if trainer is None:
         log.info("stopped before producers published the contract")
         return ExitCode.OK
@@ -76,12 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as exc:
         log.error("%s; exiting so that a restart goes on", exc, exc_info=exc.__cause__)
         return ExitCode.FAILURE
-    except ContractMismatch as exc:  # Redis came back with another contract
-        log.error("%s", exc)
-        return ExitCode.CONTRACT
-    except REFUSED as exc:
-        log.error("%s", refusal_message(exc, "trainer", settings.redis_username))
-        return ExitCode.CONFIG
+    except (ContractMismatch, *REFUSED) as exc:  # e.g. Redis came back with another contract
+        return _refused(exc, settings.redis_username)
     finally:
         trainer.close()
         # This rank's "live" gauges leave the multiprocess view.

@@ -515,8 +515,11 @@ class Trainer:
         batches that carry ``mask_ratio`` with ``loss_weighting=elbo``, each
         row's sum divided by t·L (the ELBO's weighting), averaged over rows."""
         if self.s.objective == "ar":
-            original = windows_of(mb.inputs, mb.labels, self.ignore_value).to(
-                self.device, non_blocking=True
+            # Copied from the pinned host tensors, rebuilt on the device.
+            original = windows_of(
+                mb.inputs.to(self.device, non_blocking=True),
+                mb.labels.to(self.device, non_blocking=True),
+                self.ignore_value,
             )
             _, loss = self.model(original[:, :-1], original[:, 1:])
             return loss
