@@ -335,7 +335,10 @@ class TrainSettings(_Base):
     elbo_nodes: int = Field(8, ge=1, description="Gauss-Legendre nodes of the validation ELBO")
     elbo_draws: int = Field(1, ge=1, description="mask draws per node and window for the ELBO")
     elbo_windows: int = Field(
-        64, ge=0, description="validation windows of periodic ELBOs (the final one: all; 0 = all)"
+        64,
+        ge=0,
+        description="validation windows of periodic ELBOs (the final one and every AR NLL: all; "
+        "0 = all)",
     )
     log_interval: int = Field(10, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(

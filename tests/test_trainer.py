@@ -274,7 +274,7 @@ def test_ar_baseline_and_elbo_weighted_diffusion_from_the_same_stream_format(
     ]
     ar = run_trainer(
         1,
-        [*common, "--objective=ar", "--run_name=ar", f"--out_dir={tmp_path / 'ar'}"],
+        [*common, "--objective=ar", "--elbo_windows=16", "--run_name=ar", f"--out_dir={tmp_path / 'ar'}"],
         tmp_path / "ar.log",
     )
     diffusion = run_trainer(
@@ -287,6 +287,9 @@ def test_ar_baseline_and_elbo_weighted_diffusion_from_the_same_stream_format(
     diff_history = Checkpoint.load(tmp_path / "diff" / "ckpt.pt").history
     assert [h["bound"] for h in ar_history] == ["ar_nll", "ar_nll"]
     assert [h["bound"] for h in diff_history] == ["elbo", "elbo"]
+    # The AR NLL takes every validation window at every evaluation, whatever elbo_windows.
+    every = diff_history[-1]["windows"]
+    assert [h["windows"] for h in ar_history] == [every, every] and every > 16
     # Both learn: below the uniform distribution's ln(66) nats/char, and falling.
     for history in (ar_history, diff_history):
         assert history[-1]["nats_per_char"] < min(history[0]["nats_per_char"], math.log(66))

@@ -830,8 +830,10 @@ class Trainer:
         stage) and the likelihood bound in bits/char; periodic ones use
         ``elbo_windows`` windows, the final one all of them. Plateau control and
         ``best_val_loss`` follow the validation loss (for ``objective=ar`` that is
-        the NLL itself)."""
-        bound = self.likelihood_bound(0 if final else self.s.elbo_windows)
+        the NLL itself, on all windows every time: one forward pass per window,
+        and ``best_val_loss`` then compares like with like)."""
+        everything = final or self.s.objective == "ar"
+        bound = self.likelihood_bound(0 if everything else self.s.elbo_windows)
         if self.s.objective == "ar":
             val_loss, per_stage = bound.nats, {}
         else:
