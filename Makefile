@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler bench-quality producer trainer sample clean
+.PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler bench-quality bench-masking producer trainer sample clean
 .PHONY: up down scale logs train-gpu test-containers test-autoscale test-docker
 
 help: ## list the targets
@@ -41,7 +41,7 @@ format: install ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-producer bench-trainer bench-autoscaler bench-quality ## every benchmark
+bench: bench-producer bench-trainer bench-autoscaler bench-quality bench-masking ## every benchmark
 
 bench-producer: install ## producer masking/encoding, codec and Redis throughput on one core
 	$(PY) -m benchmarks.bench_producer
@@ -54,6 +54,9 @@ bench-autoscaler: install ## the autoscaler policy simulated against changing de
 
 bench-quality: install ## diffusion ELBO vs the autoregressive baseline's NLL, same preset and tokens (CORPUS_PATH=file.txt)
 	$(PY) -m benchmarks.bench_quality $(ARGS)
+
+bench-masking: install ## the ELBO each masking schedule trains at the preset's budget, in-process (CORPUS_PATH=file.txt)
+	$(PY) -m benchmarks.bench_masking $(ARGS)
 
 producer: install ## one producer against REDIS_URL (pass settings as ARGS="--key=value ...")
 	$(PY) -m services.producer $(ARGS)

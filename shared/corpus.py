@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -166,3 +167,23 @@ def load_corpus(
         train=ids[:cut],
         val=ids[cut:],
     )
+
+
+def corpus_of(settings: Any) -> Corpus:
+    """:func:`load_corpus` with the data settings of ``settings`` (any config
+    that holds the ``[data]`` group)."""
+    return load_corpus(
+        corpus_path=settings.corpus_path,
+        corpus=settings.corpus,
+        corpus_url=settings.corpus_url,
+        corpus_sha256=settings.corpus_sha256,
+        cache_dir=settings.cache_dir,
+        train_val_split=settings.train_val_split,
+    )
+
+
+def evenly_spaced_windows(ids: np.ndarray, n: int, length: int) -> np.ndarray:
+    """``n`` windows of ``length`` ids (int64, (n, length)) whose starts are
+    evenly spaced over ``ids``: the fixed windows likelihoods are measured on."""
+    starts = np.linspace(0, len(ids) - length, n).round().astype(np.int64)
+    return np.stack([ids[s : s + length] for s in starts]).astype(np.int64)

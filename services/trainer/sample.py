@@ -34,7 +34,7 @@ from torch import Tensor
 from services.trainer.checkpoint import Checkpoint, CheckpointError
 from services.trainer.elbo import autoregressive_nll, bound_from, diffusion_elbo
 from services.trainer.model import MaskedLM
-from shared.corpus import CorpusError, load_corpus
+from shared.corpus import CorpusError, evenly_spaced_windows, load_corpus
 from shared.exit_codes import ExitCode
 from shared.settings import DataSettings
 
@@ -332,8 +332,7 @@ def validation_windows(
     length = min(window, len(val))
     if length < 2:
         raise SampleError(f"the validation split of {corpus.name} has {len(val)} characters")
-    starts = np.linspace(0, len(val) - length, n_windows).round().astype(np.int64)
-    return np.stack([val[s : s + length] for s in starts]).astype(np.int64), length
+    return evenly_spaced_windows(val, n_windows, length), length
 
 
 def _ratios(text: str) -> list[float]:

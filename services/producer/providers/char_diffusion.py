@@ -15,7 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from services.producer.provider import Provider
 from shared.codec import TensorSpec
-from shared.corpus import load_corpus
+from shared.corpus import corpus_of
 from shared.masking import UniformStage, mask_windows_with_ratio
 from shared.settings import ProducerConfig, SettingsError
 
@@ -25,14 +25,7 @@ class CharDiffusionProvider(Provider):
 
     def __init__(self, settings: ProducerConfig) -> None:
         super().__init__(settings)
-        self.corpus = load_corpus(
-            corpus_path=settings.corpus_path,
-            corpus=settings.corpus,
-            corpus_url=settings.corpus_url,
-            corpus_sha256=settings.corpus_sha256,
-            cache_dir=settings.cache_dir,
-            train_val_split=settings.train_val_split,
-        )
+        self.corpus = corpus_of(settings)
         self.tokenizer = self.corpus.tokenizer
         block = settings.block_size
         for split, ids in (("train", self.corpus.train), ("val", self.corpus.val)):
