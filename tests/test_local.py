@@ -42,8 +42,15 @@ def test_local_stack_trains_samples_and_stops_cleanly(shakespeare, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "trainer exited with 0, producers with [0, 0]; redis stopped" in out
-    sample = re.search(r"-- sample: prompt 0 \+ (\d+) generated characters[^\n]*--\n(.*)\n", out)
-    assert sample and int(sample.group(1)) == 64 and len(sample.group(2)) >= 60
+    sample = re.search(
+        r"-- sample: prompt 0 \+ (\d+) generated characters \((\d+) steps, random order\) --\n"
+        r"(.*?)\n--\n",
+        out,
+        re.S,
+    )
+    # The whole window, line breaks included.
+    assert sample and int(sample.group(1)) == 64 and int(sample.group(2)) == 128
+    assert len(sample.group(3)) == 64, sample.group(3)
     loss = re.search(r"^val loss (\d+\.\d{4})$", out, re.M)
     assert loss and float(loss.group(1)) < math.log(66)  # better than guessing uniformly
     # The last line is the likelihood bound, comparable with an AR model's NLL.

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"val loss {result['val_loss']:.4f}", flush=True)
             bound = result["bound"]
             kind = "AR NLL" if settings.objective == "ar" else "ELBO"
-            print(f"val {kind} {bound.bits:.4f} bits/char ({bound})", flush=True)
+            print(bound.last_line(kind), flush=True)
     return ExitCode.OK
 
 

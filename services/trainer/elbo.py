@@ -40,6 +40,13 @@ class Bound:
     def bits(self) -> float:
         return self.nats / LN2
 
+    def last_line(self, kind: str) -> str:
+        """What a run prints last: ``val ELBO 3.2539 bits/char (2.2554 ± ...)``."""
+        return (
+            f"val {kind} {self.bits:.4f} bits/char ({self.nats:.4f} ± {self.stderr:.4f} "
+            f"nats/char, {self.windows} validation windows)"
+        )
+
     def __str__(self) -> str:
         return (
             f"{self.nats:.4f} ± {self.stderr:.4f} nats/char = {self.bits:.4f} bits/char "
