@@ -274,7 +274,13 @@ def test_ar_baseline_and_elbo_weighted_diffusion_from_the_same_stream_format(
     ]
     ar = run_trainer(
         1,
-        [*common, "--objective=ar", "--elbo_windows=16", "--run_name=ar", f"--out_dir={tmp_path / 'ar'}"],
+        [
+            *common,
+            "--objective=ar",
+            "--elbo_windows=16",
+            "--run_name=ar",
+            f"--out_dir={tmp_path / 'ar'}",
+        ],
         tmp_path / "ar.log",
     )
     diffusion = run_trainer(
