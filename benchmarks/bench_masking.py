@@ -45,7 +45,7 @@ PROBE_RATIOS = (0.05, 0.3, 0.5, 0.7, 0.95)
 
 # name -> (stages, loss_weighting); no stages: the preset's. The first is the baseline.
 SCHEDULES: dict[str, tuple[list[dict], str | None]] = {
-    "the seed's curriculum (sticky, random 0.5, span, sticky 0.8)": (
+    "seed curriculum: sticky 0.4, random 0.5, span, sticky 0.8": (
         [
             {"type": "sticky", "target_masked_ratio": 0.4, "p1_probability": 0.15,
              "p2_probability": 0.3},

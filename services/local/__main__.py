@@ -81,8 +81,8 @@ def report(settings: Settings) -> int:
             "-m",
             "services.trainer.sample",
             f"--checkpoint={path}",
-            # One character per step for the tiny preset, in random order: the model's own
-            # distribution (confidence order repeats the likeliest words).
+            # As many steps as the tiny preset's window has characters, in random order: the
+            # model's own distribution (confidence order repeats the likeliest words).
             "--steps=128",
             "--order=random",
             "--seed=0",
