@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import TypeAdapter, ValidationError
 
-from services.trainer.elbo import bound_from, diffusion_elbo
+from services.trainer.elbo import bound_from, diffusion_elbo, elbo_weighted_loss
 from services.trainer.model import MaskedLM, ModelConfig
 from services.trainer.train import learning_rate
 from shared.corpus import corpus_of, evenly_spaced_windows
@@ -86,9 +86,7 @@ def train_one(s: Settings, stages: list, weighting: str, corpus, windows: torch.
         x, y = torch.from_numpy(inputs), torch.from_numpy(labels)
         if weighting == "elbo":
             logits, _ = model(x)
-            ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
-            ratio = torch.from_numpy(t).clamp(min=1e-6)
-            loss = (ce.sum(dim=1) / (ratio * y.shape[1])).mean()
+            loss = elbo_weighted_loss(logits, y, torch.from_numpy(t), IGNORE)
         else:
             _, loss = model(x, y, ignore_index=IGNORE)
         for group in optimizer.param_groups:

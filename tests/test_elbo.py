@@ -12,6 +12,7 @@ from services.trainer.elbo import (
     bound_from,
     bound_from_sums,
     diffusion_elbo,
+    elbo_weighted_loss,
     quadrature,
     windows_of,
 )
@@ -107,3 +108,16 @@ def test_a_causal_model_never_looks_ahead():
         a, b = causal(x)[0], causal(y)[0]
     assert torch.allclose(a[0, :20], b[0, :20], atol=1e-6)
     assert not torch.allclose(a[0, 20:], b[0, 20:])
+
+
+def test_elbo_weighting_divides_each_rows_sum_by_t_times_length():
+    """Uniform logits: every selected position costs ln V, so a row with k of L
+    positions selected at ratio t contributes k·ln V / (t·L); rows are averaged."""
+    logits = torch.zeros(2, LENGTH, VOCAB)
+    targets = torch.full((2, LENGTH), -100)
+    targets[0, :4] = 3  # 4 selected, t = 0.25
+    targets[1, :16] = 5  # 16 selected, t = 0.5
+    ratio = torch.tensor([0.25, 0.5])
+    loss = elbo_weighted_loss(logits, targets, ratio, -100)
+    rows = [4 * math.log(VOCAB) / (0.25 * LENGTH), 16 * math.log(VOCAB) / (0.5 * LENGTH)]
+    assert math.isclose(loss.item(), sum(rows) / 2, rel_tol=1e-6)

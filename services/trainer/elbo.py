@@ -110,6 +110,16 @@ def diffusion_elbo(
     return per_window
 
 
+def elbo_weighted_loss(logits: Tensor, targets: Tensor, ratio: Tensor, ignore_index: int) -> Tensor:
+    """The training loss of ``loss_weighting=elbo``: each row's masked
+    cross-entropy sum divided by t·L (``ratio``: each row's t, (B,)), averaged
+    over rows."""
+    ce = F.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=ignore_index, reduction="none"
+    )
+    return (ce.sum(dim=1) / (ratio.float().clamp(min=1e-6) * targets.shape[1])).mean()
+
+
 def bound_from(per_window: Tensor) -> Bound:
     """Mean and standard error of per-window bounds."""
     return bound_from_sums(

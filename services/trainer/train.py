@@ -43,6 +43,7 @@ from services.trainer.elbo import (
     autoregressive_nll,
     bound_from_sums,
     diffusion_elbo,
+    elbo_weighted_loss,
     windows_of,
 )
 from services.trainer.feed import MicroBatch, StreamFeed, to_host_tensor
@@ -529,12 +530,9 @@ class Trainer:
             and mb.mask_ratio is not None
             and mb.stage in self.uniform_stages
         ):
-            t = mb.mask_ratio.to(self.device, non_blocking=True).float()
+            t = mb.mask_ratio.to(self.device, non_blocking=True)
             logits, _ = self.model(x)
-            ce = F.cross_entropy(
-                logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            return (ce.sum(dim=1) / (t.clamp(min=1e-6) * y.shape[1])).mean()
+            return elbo_weighted_loss(logits, y, t, IGNORE_INDEX)
         _, loss = self.model(x, y, ignore_index=IGNORE_INDEX)
         return loss
 
