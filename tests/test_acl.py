@@ -364,3 +364,35 @@ def test_clients_may_announce_themselves_where_redis_knows_how(tmp_path):
             check=True,
         ).stdout
         assert text.count("+client|setinfo") == expected, version
+
+
+def test_a_crash_loses_no_transaction_written_by_a_role(tmp_path):
+    """Redis replays its append-only file as a client with the `default` user's permissions,
+    and EXEC re-checks them (Redis 7.0): were `default` allowed nothing, every MULTI/EXEC in
+    the AOF (each producer send: XADDs and its sequence number) would be dropped on
+    reload, silently. `default` stays off, so nobody can act as it, but holds every
+    permission: a SIGKILL and a restart from the AOF keep every transaction."""
+    passwords = write_role_secrets(tmp_path / "s")
+    aclfile = generate_acl(tmp_path / "s", tmp_path / "users.acl")
+    server = AclRedisServer(
+        newest_redis_binary(), aclfile, passwords["admin"], workdir=tmp_path / "r"
+    )
+    server.extra_args += ["--appendonly", "yes", "--appendfsync", "always"]
+    server.start()
+    try:
+        producer = as_role(server, passwords, "producer")
+        for seq in range(3):
+            pipe = producer.pipeline(transaction=True)
+            pipe.xadd(KEYS.train, {"d": b"x"})
+            pipe.hset(KEYS.produced, "0", seq)
+            pipe.execute()
+        producer.set(KEYS.meta, "{}")  # outside a transaction
+        server.restart()  # SIGKILL, then a start that replays the AOF
+        admin = server.client()
+        assert admin.get(KEYS.meta) == b"{}"
+        assert admin.xlen(KEYS.train) == 3 and admin.hget(KEYS.produced, "0") == b"2"
+        assert "NOPERM" not in server.log.read_text()
+        with pytest.raises(redis.AuthenticationError):  # and still nobody is `default`
+            redis.Redis(port=server.port).set("maskstream:meta", "x")
+    finally:
+        server.kill()

@@ -6,8 +6,8 @@
 # SECRETS_DIR holds redis-producer, redis-trainer, redis-exporter, redis-autoscaler and
 # redis-admin, one password each (deploy/docker/make-env.sh writes them). Passwords are
 # stored hashed (#<sha256>), so the file can never carry a password, nor a config line a
-# password smuggled in. The `default` user is off. The redis container runs this at every
-# start (docker-compose.yml), and tests/test_acl.py checks each role against a real
+# password smuggled in. The `default` user is off (see below). The redis container runs this
+# at every start (docker-compose.yml), and tests/test_acl.py checks each role against a real
 # redis-server 7 running its output. Never commit the output.
 #
 # Each role holds exactly the commands its code runs today, on keys under NAMESPACE:
@@ -72,8 +72,12 @@ autoscaler=$(hash_of autoscaler)
 admin=$(hash_of admin)
 k=$ns
 
+# `default` is off: no connection can act as it, with or without a password. It still holds
+# every permission because Redis replays the append-only file as a client with `default`'s
+# permissions and EXEC re-checks them (Redis 7.0): a `default` allowed nothing drops every
+# MULTI/EXEC of the AOF on reload, silently (each producer send is one).
 cat <<ACL
-user default off resetpass nocommands resetkeys resetchannels
+user default off resetpass allcommands allkeys allchannels
 user producer on #$producer resetchannels -@all $setinfo +ping +multi +exec +discard +watch +unwatch +evalsha +eval +script|load +script|exists +time +get +set +incrby +del +pexpire +xadd +xlen +hget +hset +hdel +hgetall ~$k:meta ~$k:train ~$k:val ~$k:val:done ~$k:val:lock ~$k:train:max_backlog ~$k:train:produced ~$k:train:reserved ~$k:producer:* %R~$k:stage
 user trainer on #$trainer resetchannels -@all $setinfo +ping +get +set +xrange +xadd +hincrby +hmget +hdel %R~$k:meta %R~$k:val %R~$k:val:done %R~$k:train:max_backlog ~$k:stage ~$k:dead ~$k:train:failures:* (~$k:train -@all +xreadgroup +xack +xdel +xautoclaim +xclaim +xpending +xinfo|consumers +xgroup|create +xgroup|delconsumer +xlen)
 user exporter on #$exporter resetchannels -@all $setinfo +ping +select +client|setname +info +config|get +slowlog|get +slowlog|len +latency|latest +client|list +dbsize +type +xinfo +xlen +strlen +hlen %R~$k:*
