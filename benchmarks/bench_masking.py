@@ -11,8 +11,8 @@ preset on two CPU cores)::
     python -m benchmarks.bench_masking --learning_rate=3e-3 \\
         --schedules='[[{"type":"random","max_masked_ratio":0.6}]]'
 
-Any ``--key=value`` is a setting (the preset defaults to ``tiny``; the
-corpus to ``CORPUS_PATH``, else the preset's, downloaded once);
+Any ``--key=value`` is a setting (the preset and corpus default as in
+:func:`benchmarks.with_defaults`: ``tiny``, and ``CORPUS_PATH`` when set);
 ``--schedules`` is a JSON list of stage lists, each trained with the
 ``loss_weighting`` setting (default: :data:`SCHEDULES`, each with its own).
 The first schedule is the baseline of the ratios.
@@ -22,24 +22,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import TypeAdapter, ValidationError
 
+from benchmarks import with_defaults
 from services.trainer.elbo import bound_from, diffusion_elbo, elbo_weighted_loss
 from services.trainer.model import MaskedLM, ModelConfig
 from services.trainer.train import learning_rate
-from shared.corpus import corpus_of, evenly_spaced_windows
+from shared.corpus import CorpusError, corpus_of, evenly_spaced_windows
 from shared.masking import Stage, StageCycle, mask_windows_with_ratio
 from shared.settings import Settings, load_settings
 
-REPO = Path(__file__).resolve().parents[1]
 IGNORE = -100
 PROBE_RATIOS = (0.05, 0.3, 0.5, 0.7, 0.95)
 
@@ -128,16 +126,12 @@ def main(argv: list[str]) -> int:
             chosen = {f"schedule {i}": (stages, None) for i, stages in enumerate(lists)}
         else:
             rest.append(arg)
-    if not any(a.startswith("--preset=") for a in rest):
-        rest.insert(0, "--preset=tiny")
-    corpus_path = os.environ.get("CORPUS_PATH") or str(
-        REPO.parent / "shared/data/tinyshakespeare.txt"
-    )
-    if Path(corpus_path).is_file() and not any(a.startswith("--corpus_path=") for a in rest):
-        rest.append(f"--corpus_path={corpus_path}")
-    s = load_settings(rest, env={}, service=Settings)
+    s = load_settings(with_defaults(rest), env={}, service=Settings)
     torch.set_num_threads(s.torch_threads or torch.get_num_threads())
-    corpus = corpus_of(s)
+    try:
+        corpus = corpus_of(s)
+    except CorpusError as exc:
+        sys.exit(f"bench-masking: {exc}")
     n = 256
     windows = torch.from_numpy(evenly_spaced_windows(corpus.val, n, s.block_size))
     adapter = TypeAdapter(Stage)

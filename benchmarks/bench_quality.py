@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import with_defaults
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("BENCH_QUALITY_DIR", "/tmp/maskstream-bench-quality"))
 SAMPLE_SEEDS = (1, 2, 3, 4)
@@ -91,11 +93,7 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--reuse"]
     shared = [a for a in argv if not a.startswith("--ar_")]
     ar_only = ["--" + a[len("--ar_") :] for a in argv if a.startswith("--ar_")]
-    if not any(a.startswith("--preset=") for a in shared):
-        shared = ["--preset=tiny", *shared]
-    corpus = os.environ.get("TINYSHAKESPEARE", str(REPO.parent / "shared/data/tinyshakespeare.txt"))
-    if Path(corpus).is_file() and not any(a.startswith("--corpus_path=") for a in shared):
-        shared.append(f"--corpus_path={corpus}")
+    shared = with_defaults(shared)
     print(f"bench-quality: {' '.join(shared)}; baseline also {' '.join(ar_only) or '(nothing)'}")
 
     ar = run_local("ar", [*shared, "--objective=ar", *ar_only], reuse)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import with_defaults
 from services.trainer.feed import MicroBatch
 from services.trainer.train import Trainer
 from shared.redis_server import RedisServer
@@ -79,11 +80,7 @@ def main(argv: list[str]) -> int:
     steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--bench_steps=")), 40)
     rounds = next((int(a.split("=")[1]) for a in argv if a.startswith("--bench_rounds=")), 3)
     argv = [a for a in argv if not a.startswith("--bench_")]
-    if not any(a.startswith("--preset=") for a in argv):
-        argv = ["--preset=tiny", *argv]
-    corpus = os.environ.get("TINYSHAKESPEARE", str(REPO.parent / "shared/data/tinyshakespeare.txt"))
-    if Path(corpus).is_file() and not any(a.startswith("--corpus_path=") for a in argv):
-        argv.append(f"--corpus_path={corpus}")
+    argv = with_defaults(argv)
     with RedisServer() as server:
         args = [*argv, f"--redis_url={server.url}", "--max_iters=1000000", "--log_interval_s=600"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
