@@ -70,7 +70,11 @@ def train_one(s: Settings, stages: list, weighting: str, corpus, windows: torch.
     tok = corpus.tokenizer
     model = MaskedLM(ModelConfig.from_settings(s, tok.vocab_size, s.block_size))
     optimizer = model.configure_optimizer(
-        s.weight_decay, s.learning_rate, (s.beta1, s.beta2), "cpu"
+        s.weight_decay,
+        s.learning_rate,
+        (s.beta1, s.beta2),
+        "cpu",
+        muon_learning_rate=s.muon_learning_rate if s.optimizer == "muon" else None,
     )
     cycle = StageCycle(len(stages), [s.seed])
     started = time.monotonic()
@@ -88,7 +92,7 @@ def train_one(s: Settings, stages: list, weighting: str, corpus, windows: torch.
         else:
             _, loss = model(x, y, ignore_index=IGNORE)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(it, s)
+            group["lr"] = learning_rate(it, s) * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip:

@@ -1,10 +1,11 @@
 """Masking stages and the vectorized corruption of token windows.
 
 A *stage* says which positions of a window are selected for prediction; the
-selected positions are then corrupted BERT-style (80% ``[MASK]``, 10% a random
-real token, 10% unchanged), except for ``span`` and ``uniform`` stages, which
-replace their selection by ``[MASK]`` outright. Everything here works on whole ``(B, T)`` arrays;
-the only Python loop is over the rounds of a sticky stage, never over tokens or
+selected positions are then corrupted BERT-style (by default 80% ``[MASK]``,
+10% a random real token, 10% unchanged; a stage may set other shares), except
+for ``span`` and ``uniform`` stages, which replace their selection by
+``[MASK]`` outright. Everything here works on whole ``(B, T)`` arrays; the only
+Python loop is over the rounds of a sticky stage, never over tokens or
 sequences.
 """
 
@@ -14,7 +15,7 @@ import math
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # A sticky stage grows its selection in rounds; with tiny p1/p2 that can take
 # many rounds, so after this many the remainder is chosen uniformly at random.
@@ -28,8 +29,42 @@ class _Stage(BaseModel):
     # validation loss before it advances to the next stage.
     val_loss_stale_count: int | None = Field(default=None, ge=1)
 
+    def contract_entry(self) -> dict:
+        """The stage as the dataset contract lists it (JSON values)."""
+        return self.model_dump(mode="json")
 
-class RandomStage(_Stage):
+
+class _CorruptedStage(_Stage):
+    """A stage whose selected positions are corrupted BERT-style: each becomes a
+    random real token with random_token_probability, stays unchanged with
+    keep_probability, and is replaced by ``[MASK]`` otherwise (80/10/10 by
+    default). Every selected position is labelled, whatever its input."""
+
+    random_token_probability: float = Field(0.1, ge=0.0, le=1.0)
+    keep_probability: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _some_positions_masked(self) -> _CorruptedStage:
+        total = self.random_token_probability + self.keep_probability
+        if total >= 1.0:
+            raise ValueError(
+                f"random_token_probability + keep_probability = {total:g} leaves no selected "
+                "position masked; keep their sum below 1 (the default is 0.1 + 0.1)"
+            )
+        return self
+
+    def contract_entry(self) -> dict:
+        """Shares at their 80/10/10 defaults are left out, so contracts of
+        stages that do not set them are the same bytes as before they existed
+        (and so keep their fingerprint)."""
+        entry = super().contract_entry()
+        for name in ("random_token_probability", "keep_probability"):
+            if entry[name] == 0.1:
+                del entry[name]
+        return entry
+
+
+class RandomStage(_CorruptedStage):
     """Each sequence draws a ratio uniformly in [0, max_masked_ratio] and selects
     every position independently with that probability."""
 
@@ -37,7 +72,7 @@ class RandomStage(_Stage):
     max_masked_ratio: float = Field(gt=0.0, le=1.0)
 
 
-class BernoulliStage(_Stage):
+class BernoulliStage(_CorruptedStage):
     """Every position is selected independently with masked_ratio (classic BERT;
     what a run without configured stages uses, with mask_probability)."""
 
@@ -45,7 +80,7 @@ class BernoulliStage(_Stage):
     masked_ratio: float = Field(gt=0.0, le=1.0)
 
 
-class StickyStage(_Stage):
+class StickyStage(_CorruptedStage):
     """Selection grows in rounds: a position next to a selected one joins with
     p2_probability, any other with p1_probability, until each sequence holds
     exactly ceil(target_masked_ratio * length) selected positions."""
@@ -181,13 +216,23 @@ def select(rng: np.random.Generator, shape: tuple[int, int], stage: AnyStage) ->
 
 
 def corrupt_bert(
-    rng: np.random.Generator, windows: np.ndarray, selected: np.ndarray, mask_id: int, n_real: int
+    rng: np.random.Generator,
+    windows: np.ndarray,
+    selected: np.ndarray,
+    mask_id: int,
+    n_real: int,
+    random_token_probability: float = 0.1,
+    keep_probability: float = 0.1,
 ) -> np.ndarray:
-    """80% of selected positions become ``mask_id``, 10% a random real token
-    (ids ``0..n_real-1``, so never the mask), 10% stay unchanged."""
+    """Selected positions become ``mask_id`` with probability
+    1 - random_token_probability - keep_probability, a random real token (ids
+    ``0..n_real-1``, so never the mask) with random_token_probability, and stay
+    unchanged otherwise (80/10/10 by default)."""
     u = rng.random(windows.shape, dtype=np.float32)
-    inputs = np.where(selected & (u < np.float32(0.8)), windows.dtype.type(mask_id), windows)
-    swap = selected & (u >= np.float32(0.8)) & (u < np.float32(0.9))
+    mask_p = np.float32(1.0 - random_token_probability - keep_probability)
+    swap_p = np.float32(1.0 - keep_probability)
+    inputs = np.where(selected & (u < mask_p), windows.dtype.type(mask_id), windows)
+    swap = selected & (u >= mask_p) & (u < swap_p)
     inputs[swap] = rng.integers(0, n_real, size=int(swap.sum()), dtype=windows.dtype)
     return inputs
 
@@ -234,7 +279,15 @@ def mask_windows_with_ratio(
     if isinstance(stage, SpanStage | UniformStage):
         inputs = np.where(selected, windows.dtype.type(mask_id), windows)
     else:
-        inputs = corrupt_bert(rng, windows, selected, mask_id, n_real)
+        inputs = corrupt_bert(
+            rng,
+            windows,
+            selected,
+            mask_id,
+            n_real,
+            stage.random_token_probability,
+            stage.keep_probability,
+        )
     labels = np.where(selected, windows, windows.dtype.type(ignore_value))
     return inputs, labels, t
 

@@ -323,6 +323,14 @@ class TrainSettings(_Base):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     weight_decay: float = Field(0.1, ge=0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw: AdamW for every parameter; muon: Muon for the blocks' weight "
+        "matrices (at muon_learning_rate), AdamW for the embedding, biases and gains",
+    )
+    muon_learning_rate: float = Field(
+        0.02, gt=0, description="Muon's peak rate (optimizer=muon; same warmup and decay)"
+    )
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     gradient_accumulation_steps: int = Field(1, ge=1)
     eval_interval: int = Field(250, ge=1)

@@ -140,9 +140,14 @@ def test_random_ratios_are_uniform_per_sequence():
         StickyStage(type="sticky", target_masked_ratio=0.6, p1_probability=0.1, p2_probability=0.5),
         RandomStage(type="random", max_masked_ratio=0.5),
         BernoulliStage(type="bernoulli", masked_ratio=0.15),
+        RandomStage(type="random", max_masked_ratio=0.5, random_token_probability=0.0,
+                    keep_probability=0.2),
+        BernoulliStage(type="bernoulli", masked_ratio=0.3, random_token_probability=0.25,
+                       keep_probability=0.05),
     ],
-)
-def test_bert_80_10_10(stage):
+)  # fmt: skip
+def test_bert_corruption_shares(stage):
+    """80/10/10 by default, else the stage's own shares."""
     windows = windows_for(7, (256, 1024))
     inputs, labels = mask_windows(
         np.random.default_rng(7), windows, stage, mask_id=MASK, n_real=N_REAL, ignore_value=IGNORE
@@ -153,10 +158,20 @@ def test_bert_80_10_10(stage):
     swapped = (inputs[selected] != windows[selected]).mean() - masked
     kept = (inputs[selected] == windows[selected]).mean()
     tol = 5 * math.sqrt(0.09 / n)
-    assert abs(masked - 0.8) < tol
+    swap_p, keep_p = stage.random_token_probability, stage.keep_probability
+    assert abs(masked - (1 - swap_p - keep_p)) < tol
     # A random replacement equals the original with probability 1/N_REAL.
-    assert abs(swapped - 0.1 * (1 - 1 / N_REAL)) < tol
-    assert abs(kept - (0.1 + 0.1 / N_REAL)) < tol
+    assert abs(swapped - swap_p * (1 - 1 / N_REAL)) < tol
+    assert abs(kept - (keep_p + swap_p / N_REAL)) < tol
+    assert (labels[selected] == windows[selected]).all()  # every selected position labelled
+
+
+def test_corruption_shares_must_leave_masks():
+    with pytest.raises(ValidationError, match="leaves no selected position masked"):
+        RandomStage(type="random", max_masked_ratio=0.5, random_token_probability=0.5,
+                    keep_probability=0.5)  # fmt: skip
+    with pytest.raises(ValidationError, match="keep_probability"):
+        RandomStage(type="random", max_masked_ratio=0.5, keep_probability=-0.1)
 
 
 def test_bernoulli_ratio():
@@ -247,3 +262,18 @@ def test_trimming_keeps_exactly_the_limit_when_keys_tie():
     limit = np.array([0, 4, 10])
     _keep_at_most(_TiedKeys(), chosen, limit)
     assert chosen.sum(axis=1).tolist() == [0, 4, 10]
+
+
+def test_contract_lists_corruption_shares_only_when_set():
+    """Default shares stay out of the contract (old contracts keep their
+    bytes and fingerprint); set ones are listed and read back."""
+    plain = RandomStage(type="random", max_masked_ratio=0.5)
+    assert plain.contract_entry() == {
+        "type": "random", "max_masked_ratio": 0.5, "val_loss_stale_count": None
+    }  # fmt: skip
+    tuned = RandomStage(type="random", max_masked_ratio=0.5, random_token_probability=0.0,
+                        keep_probability=0.2)  # fmt: skip
+    entry = tuned.contract_entry()
+    assert entry["random_token_probability"] == 0.0 and entry["keep_probability"] == 0.2
+    assert TypeAdapter(Stage).validate_python(entry) == tuned
+    assert "keep_probability" not in SpanStage(type="span", spans_count=2).contract_entry()

@@ -343,7 +343,8 @@ class ListFeed:
         pass
 
 
-def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, tmp_path, optimizer):
     """A Trainer resumed from its checkpoint continues exactly as the
     uninterrupted Trainer does on the same batches: model, optimizer, schedule
     and iteration all come back."""
@@ -361,6 +362,7 @@ def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, t
         "--warmup_iters=3",
         "--max_iters=8",
         "--trainer_metrics_port=0",
+        f"--optimizer={optimizer}",
     ]
 
     def build(*extra: str) -> Trainer:
@@ -373,7 +375,9 @@ def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, t
         losses = []
         for _ in range(count):
             for group in trainer.optimizer.param_groups:
-                group["lr"] = learning_rate(trainer.progress.iter_num, trainer.s)
+                group["lr"] = (
+                    learning_rate(trainer.progress.iter_num, trainer.s) * group["lr_scale"]
+                )
             losses.append(trainer.train_step())
             trainer.progress.iter_num += 1
         return losses
@@ -396,6 +400,10 @@ def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, t
     # And the checkpoint is the run's: a resume under other model settings is refused.
     with pytest.raises(CheckpointError, match="n_layer"):
         build("--init_from=resume", "--n_layer=3")
+    # Nor under the other optimizer: its state would not fit the groups.
+    other = "muon" if optimizer == "adamw" else "adamw"
+    with pytest.raises(CheckpointError, match=f"optimizer={optimizer}, the settings ask for"):
+        build("--init_from=resume", f"--optimizer={other}")
 
 
 def test_waiting_without_producers_then_stopping(redis7, tmp_path):

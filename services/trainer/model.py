@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from services.trainer.optim import MuonAdamW
+
 if TYPE_CHECKING:
     from shared.settings import ModelSettings
 
@@ -260,16 +262,39 @@ class MaskedLM(nn.Module):
         learning_rate: float,
         betas: tuple[float, float],
         device_type: str,
-    ) -> torch.optim.AdamW:
+        *,
+        muon_learning_rate: float | None = None,
+    ) -> torch.optim.Optimizer:
         """AdamW that decays matrices (matmul weights, the embedding) but not
         biases and norm gains: shrinking those toward 0 has no regularizing
-        meaning and only hurts."""
+        meaning and only hurts.
+
+        With ``muon_learning_rate``: the blocks' weight matrices take Muon steps
+        at that peak rate instead (no weight decay: Muon's updates have a fixed
+        spectral norm, so they cannot blow a matrix up), the embedding/head,
+        biases and gains keep AdamW (:mod:`services.trainer.optim`). Every group
+        carries ``lr_scale``, its peak rate over ``learning_rate``."""
         params = [p for p in self.parameters() if p.requires_grad]
+        if muon_learning_rate is not None:
+            matrices = [p for p in self.blocks.parameters() if p.requires_grad and p.dim() == 2]
+            taken = {id(p) for p in matrices}
+            rest = [p for p in params if id(p) not in taken]
+            return MuonAdamW(
+                [
+                    {"params": matrices, "kind": "muon", "weight_decay": 0.0,
+                     "lr": muon_learning_rate, "lr_scale": muon_learning_rate / learning_rate},
+                    {"params": [p for p in rest if p.dim() >= 2], "kind": "adamw",
+                     "weight_decay": weight_decay, "lr": learning_rate, "lr_scale": 1.0},
+                    {"params": [p for p in rest if p.dim() < 2], "kind": "adamw",
+                     "weight_decay": 0.0, "lr": learning_rate, "lr_scale": 1.0},
+                ],
+                betas=betas,
+            )  # fmt: skip
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
         ]
         # The fused CUDA kernel does the whole update in a few launches.
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters

@@ -395,13 +395,29 @@ class Trainer:
     def _build_optimizer(self, resume: Checkpoint | None) -> None:
         s = self.s
         self.optimizer = self.raw_model.configure_optimizer(
-            s.weight_decay, s.learning_rate, (s.beta1, s.beta2), self.device.type
+            s.weight_decay,
+            s.learning_rate,
+            (s.beta1, s.beta2),
+            self.device.type,
+            muon_learning_rate=s.muon_learning_rate if s.optimizer == "muon" else None,
         )
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
         )
         if resume is not None and resume.optimizer is not None:
+            theirs = resume.settings.get("optimizer", "adamw")
+            if theirs != s.optimizer:
+                raise CheckpointError(
+                    f"checkpoint {self.ckpt_path} was trained with optimizer={theirs}, the "
+                    f"settings ask for optimizer={s.optimizer}: resume with --optimizer={theirs}, "
+                    "or --init_from=scratch"
+                )
+            scales = [group["lr_scale"] for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(resume.optimizer)
+            # Loading restores the saved groups' options: keep this run's rates
+            # (and give checkpoints older than lr_scale one).
+            for group, scale in zip(self.optimizer.param_groups, scales, strict=True):
+                group["lr_scale"] = scale
             if resume.scaler is not None:
                 self.scaler.load_state_dict(resume.scaler)
 
@@ -763,7 +779,7 @@ class Trainer:
         while p.iter_num < s.max_iters:
             lr = learning_rate(p.iter_num, s)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             loss = self.train_step()
             if loss is None:
                 stopped_early = True

@@ -144,7 +144,7 @@ def make_meta() -> dict[str, Any]:
         "block_size": SETTINGS["block_size"],
         "train_val_split": SETTINGS["train_val_split"],
         "stages": {
-            split: [stage_model(s).model_dump(mode="json") for s in SETTINGS[key]]
+            split: [stage_model(s).contract_entry() for s in SETTINGS[key]]
             for split, key in (("train", "unmasking_stages"), ("val", "validation_stages"))
         },
     }

@@ -58,7 +58,7 @@ class CharDiffusionProvider(Provider):
             "block_size": s.block_size,
             "train_val_split": s.train_val_split,
             "stages": {
-                split: [stage.model_dump(mode="json") for stage in stages]
+                split: [stage.contract_entry() for stage in stages]
                 for split, stages in self._stages.items()
             },
         }
