@@ -55,10 +55,17 @@ SCHEDULES: dict[str, tuple[list[dict], str | None]] = {
         "mean",
     ),
     "the preset's stages": ([], "mean"),
+    "the preset's ratios [0, 0.6) and [0, 1), 80/10/10": (
+        [{"type": "random", "max_masked_ratio": 0.6}, {"type": "random", "max_masked_ratio": 1.0}],
+        "mean",
+    ),
     "uniform t in [0.001, 1), [MASK] only": ([{"type": "uniform"}], "mean"),
     "uniform t in [0.001, 1), [MASK] only +elbo": ([{"type": "uniform"}], "elbo"),
-    "random, ratio in [0, 1), 80/10/10": ([{"type": "random", "max_masked_ratio": 1.0}], "mean"),
-    "random, ratio in [0, 0.6), 80/10/10": ([{"type": "random", "max_masked_ratio": 0.6}], "mean"),
+    "random, ratio in [0, 0.6) only, 80% [MASK], 20% kept": (
+        [{"type": "random", "max_masked_ratio": 0.6, "random_token_probability": 0.0,
+          "keep_probability": 0.2}],
+        "mean",
+    ),
 }  # fmt: skip
 
 
@@ -143,7 +150,9 @@ def main(argv: list[str]) -> int:
     print(
         f"bench-masking: {s.n_layer} layers x {s.n_head} heads x {s.n_embd}, "
         f"{s.max_iters} steps of {s.batch_size} x {s.block_size}, learning rate "
-        f"{s.learning_rate:g}; ELBO on {n} validation windows, {s.elbo_nodes} nodes"
+        f"{s.learning_rate:g}"
+        + (f", Muon {s.muon_learning_rate:g}" if s.optimizer == "muon" else " (AdamW)")
+        + f"; ELBO on {n} validation windows, {s.elbo_nodes} nodes"
     )
     header = " ".join(f"{f't={r:g}':>7}" for r in PROBE_RATIOS)
     print(f"\n{'':81}masked cross-entropy (nats) at mask ratio")
