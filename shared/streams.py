@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ExecAbortError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ResponseError,
+)
 from redis.retry import Retry
 
 if TYPE_CHECKING:
@@ -290,7 +297,13 @@ class BoundedStream:
             RESERVATION_TTL_MS,
             "commit",
         )
-        results = pipe.execute(raise_on_error=False)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except ExecAbortError as exc:
+            cause = exec_abort_cause(exc)
+            if cause is exc:
+                raise
+            raise cause from exc
         if isinstance(results[-1], NoScriptError):  # a restarted Redis: the XADDs did happen
             self._reserve(
                 keys=[self.key, self.produced_key, self.reserved_key],
@@ -320,6 +333,22 @@ class BoundedStream:
 
     def backlog(self) -> int:
         return int(self.client.xlen(self.key))
+
+
+def exec_abort_cause(exc: ExecAbortError) -> Exception:
+    """The error behind an EXECABORT, as redis-py raises it outside a transaction.
+
+    Redis checks maxmemory (and ACLs) when each command is queued *and* again at
+    EXEC; when another client filled Redis in between, EXEC fails with
+    ``EXECABORT Transaction discarded because of: OOM ...``. That is the same
+    backpressure as an OOM at queueing (an :class:`OutOfMemoryError`), and
+    callers must treat it alike; any other cause is returned unchanged."""
+    reason = str(exc).split("because of:", 1)[-1].strip()
+    if reason.startswith("OOM"):
+        return OutOfMemoryError(reason)
+    if reason.startswith("NOPERM"):
+        return NoPermissionError(reason)
+    return exc
 
 
 def add_unbounded(client: redis.Redis, key: str, payloads: list[bytes]) -> list[bytes]:

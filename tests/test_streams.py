@@ -6,9 +6,11 @@ import time
 import numpy as np
 import pytest
 import redis
+from redis.exceptions import ExecAbortError
 
 from shared.codec import Batch, TensorSpec, encode
 from shared.contract import ContractMismatch, fingerprint, make_meta, publish_meta
+from shared.faults import FULL
 from shared.reader import BatchReader
 from shared.streams import (
     PAYLOAD_FIELD,
@@ -19,6 +21,7 @@ from shared.streams import (
     ack_and_delete,
     connect,
     ensure_group,
+    exec_abort_cause,
     pending_count,
     read_new,
     reclaim,
@@ -300,3 +303,21 @@ def test_send_survives_a_flushed_script_cache(redis_server):
     assert stream.last_seq(0) == 7
     assert stream.add([message(i) for i in range(4, 8)], producer=0, first_seq=4) == 4
     assert [decode_seq(f) for _, f in client.xrange(KEYS.train)] == list(range(8))
+
+
+def test_a_transaction_refused_at_exec_for_memory_is_a_full_redis(redis_server):
+    """Another client can fill Redis between the queueing of a producer's
+    XADDs and its EXEC; Redis then aborts the EXEC. That is backpressure like
+    any OOM (the chaos test's producers crashed on it before)."""
+    queued = redis.Redis.from_url(redis_server.url, single_connection_client=True)
+    admin = connect(redis_server.url)
+    admin.config_set("maxmemory-policy", "noeviction")
+    queued.execute_command("MULTI")
+    assert queued.execute_command("XADD", KEYS.train, "*", PAYLOAD_FIELD, b"x") == b"QUEUED"
+    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) // 2)
+    with pytest.raises(ExecAbortError) as aborted:
+        queued.execute_command("EXEC")
+    cause = exec_abort_cause(aborted.value)
+    assert isinstance(cause, FULL) and "OOM" in str(cause)
+    other = ExecAbortError("Transaction discarded because of: something else")
+    assert exec_abort_cause(other) is other
