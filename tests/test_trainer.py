@@ -404,6 +404,18 @@ def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, t
     other = "muon" if optimizer == "adamw" else "adamw"
     with pytest.raises(CheckpointError, match=f"optimizer={optimizer}, the settings ask for"):
         build("--init_from=resume", f"--optimizer={other}")
+    if optimizer == "adamw":
+        # A checkpoint of a trainer from before the optimizer setting resumes as AdamW.
+        path = tmp_path / "run" / "ckpt.pt"
+        old = Checkpoint.load(path)
+        del old.settings["optimizer"]
+        for group in old.optimizer["param_groups"]:
+            del group["lr_scale"]
+        old.save(path)
+        assert [g["lr_scale"] for g in build("--init_from=resume").optimizer.param_groups] == [
+            1.0,
+            1.0,
+        ]
 
 
 def test_waiting_without_producers_then_stopping(redis7, tmp_path):

@@ -307,7 +307,7 @@ class Trainer:
             self._build_model(resume)
             self._build_optimizer(resume)
             self._restore_progress(resume)
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             if resume is None:
                 raise
             # A checkpoint that loads but does not fit (edited, or of another trainer version).
@@ -405,7 +405,7 @@ class Trainer:
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
         )
         if resume is not None and resume.optimizer is not None:
-            theirs = resume.settings.get("optimizer", "adamw")
+            theirs = resume.settings.get("optimizer", "adamw")  # older checkpoints: AdamW
             if theirs != s.optimizer:
                 raise CheckpointError(
                     f"checkpoint {self.ckpt_path} was trained with optimizer={theirs}, the "
