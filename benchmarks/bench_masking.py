@@ -33,7 +33,7 @@ from pydantic import TypeAdapter, ValidationError
 from benchmarks import with_defaults
 from services.trainer.elbo import bound_from, diffusion_elbo, elbo_weighted_loss
 from services.trainer.model import MaskedLM, ModelConfig
-from services.trainer.train import learning_rate
+from services.trainer.train import optimizer_for, set_learning_rate
 from shared.corpus import CorpusError, corpus_of, evenly_spaced_windows
 from shared.masking import Stage, StageCycle, mask_windows_with_ratio
 from shared.settings import Settings, load_settings
@@ -76,13 +76,7 @@ def train_one(s: Settings, stages: list, weighting: str, corpus, windows: torch.
     rng = np.random.default_rng(s.seed)
     tok = corpus.tokenizer
     model = MaskedLM(ModelConfig.from_settings(s, tok.vocab_size, s.block_size))
-    optimizer = model.configure_optimizer(
-        s.weight_decay,
-        s.learning_rate,
-        (s.beta1, s.beta2),
-        "cpu",
-        muon_learning_rate=s.muon_learning_rate if s.optimizer == "muon" else None,
-    )
+    optimizer = optimizer_for(model, s, "cpu")
     cycle = StageCycle(len(stages), [s.seed])
     started = time.monotonic()
     for it in range(s.max_iters):
@@ -98,8 +92,7 @@ def train_one(s: Settings, stages: list, weighting: str, corpus, windows: torch.
             loss = elbo_weighted_loss(logits, y, torch.from_numpy(t), IGNORE)
         else:
             _, loss = model(x, y, ignore_index=IGNORE)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(it, s) * group["lr_scale"]
+        set_learning_rate(optimizer, it, s)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip:

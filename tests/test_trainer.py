@@ -20,7 +20,7 @@ import torch
 
 from services.trainer.checkpoint import Checkpoint, CheckpointError
 from services.trainer.feed import MicroBatch
-from services.trainer.train import Dist, Trainer, learning_rate, wait_for_contract
+from services.trainer.train import Dist, Trainer, set_learning_rate, wait_for_contract
 from shared.codec import Batch, encode
 from shared.redis_server import RedisServer
 from shared.settings import TrainerConfig, load_settings
@@ -374,10 +374,7 @@ def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, t
     def steps(trainer: Trainer, count: int) -> list[float]:
         losses = []
         for _ in range(count):
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = (
-                    learning_rate(trainer.progress.iter_num, trainer.s) * group["lr_scale"]
-                )
+            set_learning_rate(trainer.optimizer, trainer.progress.iter_num, trainer.s)
             losses.append(trainer.train_step())
             trainer.progress.iter_num += 1
         return losses

@@ -147,6 +147,26 @@ def learning_rate(it: int, s: TrainSettings) -> float:
     return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s.learning_rate - s.min_lr)
 
 
+def optimizer_for(model: MaskedLM, s: TrainSettings, device_type: str) -> torch.optim.Optimizer:
+    """The optimizer the settings ask for (``optimizer``, rates, decay, betas)."""
+    return model.configure_optimizer(
+        s.weight_decay,
+        s.learning_rate,
+        (s.beta1, s.beta2),
+        device_type,
+        muon_learning_rate=s.muon_learning_rate if s.optimizer == "muon" else None,
+    )
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, it: int, s: TrainSettings) -> float:
+    """Give every group the schedule's rate at ``it`` times its ``lr_scale``
+    (Muon's groups run at their own peak); the schedule's rate."""
+    lr = learning_rate(it, s)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
+
+
 def wait_for_contract(
     client: redis.Redis,
     keys: StreamKeys,
@@ -394,13 +414,7 @@ class Trainer:
 
     def _build_optimizer(self, resume: Checkpoint | None) -> None:
         s = self.s
-        self.optimizer = self.raw_model.configure_optimizer(
-            s.weight_decay,
-            s.learning_rate,
-            (s.beta1, s.beta2),
-            self.device.type,
-            muon_learning_rate=s.muon_learning_rate if s.optimizer == "muon" else None,
-        )
+        self.optimizer = optimizer_for(self.raw_model, s, self.device.type)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
         )
@@ -777,9 +791,7 @@ class Trainer:
         stopped_early = False
         checkpointed_at = -1
         while p.iter_num < s.max_iters:
-            lr = learning_rate(p.iter_num, s)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+            lr = set_learning_rate(self.optimizer, p.iter_num, s)
             loss = self.train_step()
             if loss is None:
                 stopped_early = True
