@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks import with_defaults
+from shared.lifecycle import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("BENCH_GPU_DIR", "/tmp/maskstream-bench-gpu"))
@@ -58,12 +59,6 @@ def split_options(argv: list[str]) -> tuple[dict, str | None, str, list[str]]:
         else:
             rest.append(arg)
     return options, json_path, nproc, rest
-
-
-def child_env() -> dict[str, str]:
-    """This environment, with the repository first on the import path."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path}
 
 
 def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks import with_defaults
+from shared.lifecycle import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("BENCH_QUALITY_DIR", "/tmp/maskstream-bench-quality"))
@@ -45,7 +46,7 @@ def run_local(name: str, args: list[str], reuse: bool) -> tuple[float, float, fl
     out = subprocess.run(
         [sys.executable, "-m", "services.local", *args, f"--out_dir={OUT / name}"],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=child_env(),
         capture_output=True,
         text=True,
     )
@@ -67,7 +68,7 @@ def sample(checkpoint: Path, *args: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "services.trainer.sample", f"--checkpoint={checkpoint}", *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=child_env(),
         capture_output=True,
         text=True,
     )

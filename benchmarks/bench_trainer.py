@@ -13,6 +13,7 @@ Any ``--key=value`` is a setting (see ``python -m services.producer --help``);
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see services/trainer/__main__.py
@@ -20,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see services/trainer/__ma
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 from benchmarks import with_defaults
 from services.trainer.feed import MicroBatch
 from services.trainer.train import Trainer
+from shared.lifecycle import child_env
 from shared.redis_server import RedisServer
 from shared.settings import TrainerConfig, load_settings
 
@@ -76,28 +79,41 @@ def measure(trainer: Trainer, feed, steps: int) -> tuple[float, float]:
     return steps * trainer.tokens_per_step / elapsed, (feed.wait_s - wait0) / elapsed
 
 
+def watch(producers: list[subprocess.Popen], dead: threading.Event) -> None:
+    """Set ``dead`` once any producer has exited, for whatever reason."""
+    while not dead.is_set():
+        if any(proc.poll() is not None for proc in producers):
+            dead.set()
+        time.sleep(0.5)
+
+
 def main(argv: list[str]) -> int:
     steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--bench_steps=")), 40)
     rounds = next((int(a.split("=")[1]) for a in argv if a.startswith("--bench_rounds=")), 3)
     argv = [a for a in argv if not a.startswith("--bench_")]
     argv = with_defaults(argv)
-    with RedisServer() as server:
+    with RedisServer() as server, contextlib.ExitStack() as files:
         args = [*argv, f"--redis_url={server.url}", "--max_iters=1000000", "--log_interval_s=600"]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        logs = [files.enter_context(tempfile.TemporaryFile()) for _ in range(2)]
         producers = [
             subprocess.Popen(
-                [sys.executable, "-m", "services.producer", *args],
-                env=env,
-                stderr=subprocess.DEVNULL,
+                [sys.executable, "-m", "services.producer", *args], env=child_env(), stderr=log
             )
-            for _ in range(2)
+            for log in logs
         ]
+        # A producer that dies (a bad setting, a missing package) stops the wait for its
+        # contract instead of leaving the benchmark waiting forever.
+        dead = threading.Event()
+        threading.Thread(target=watch, args=(producers, dead), daemon=True).start()
         try:
             settings = load_settings(
                 [*args, "--out_dir=/tmp/maskstream-bench-trainer"], service=TrainerConfig
             )
-            trainer = Trainer.start(settings, threading.Event())
-            assert trainer is not None  # never stopped: the event is never set
+            trainer = Trainer.start(settings, dead)
+            if trainer is None:
+                logs[0].seek(0)
+                tail = logs[0].read()[-2000:].decode(errors="replace")
+                sys.exit(f"bench-trainer: a producer exited early; its log ends:\n{tail}")
             stream_feed = trainer.feed
             stream_feed.start()
             for _ in range(5):  # warm up, and let the read-ahead fill

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child ``python -m services...``: the
+    repository first on the import path, then whatever PYTHONPATH already held
+    (packages installed with ``pip --target``, say), and ``extra`` on top."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def stop_on_signals(log: logging.Logger, what_happens: str) -> threading.Event:

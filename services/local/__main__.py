@@ -11,7 +11,6 @@ goes to the producers and the trainer alike.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from services.trainer.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from services.trainer.elbo import Bound
 from shared.exit_codes import ExitCode
+from shared.lifecycle import child_env
 from shared.redis_server import RedisServer, RedisServerError
 from shared.settings import Settings, SettingsError, load_settings
 
@@ -35,10 +35,9 @@ def say(message: str) -> None:
 def spawn(module: str, args: list[str]) -> subprocess.Popen:
     """A child in its own session: a terminal's Ctrl-C reaches only us, and we
     stop the children in the right order."""
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
-        env={**os.environ, "PYTHONPATH": pythonpath},
+        env=child_env(),
         start_new_session=True,
     )
 
@@ -87,7 +86,7 @@ def report(settings: Settings) -> int:
             "--order=random",
             "--seed=0",
         ],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=child_env(),
         capture_output=True,
         text=True,
     )
