@@ -74,6 +74,26 @@ def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:
         )
 
 
+def stop_producers(producers: list[subprocess.Popen], grace_s: float = 20.0) -> list[int | str]:
+    """SIGTERM each producer; one still running after ``grace_s`` prints its
+    threads' stacks into its log (SIGUSR1) and is killed."""
+    for proc in producers:
+        proc.terminate()
+    codes: list[int | str] = []
+    for i, proc in enumerate(producers):
+        try:
+            codes.append(proc.wait(grace_s))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            proc.kill()
+            proc.wait()
+            codes.append("killed")
+            tail = (OUT / f"producer{i}.log").read_text()[-4000:]
+            print(f"bench-gpu: producer{i} still running {grace_s:g} s after SIGTERM:\n{tail}")
+    return codes
+
+
 def follow(log: Path, stop: threading.Event) -> None:
     """Echo the trainer's log as it grows, so a long run shows progress."""
     with log.open() as source:
@@ -168,9 +188,7 @@ def main(argv: list[str]) -> int:
         train_s = time.monotonic() - started
         stop_echo.set()
         echo.join(5)
-        for proc in producers:
-            proc.terminate()
-        producer_codes = [proc.wait(30) for proc in producers]
+        producer_codes = stop_producers(producers)
     print(f"bench-gpu: trainer exited with {trainer.returncode}, producers with {producer_codes}")
     if trainer.returncode != 0:
         for i in range(len(producers)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -21,8 +22,11 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def stop_on_signals(log: logging.Logger, what_happens: str) -> threading.Event:
     """An event set by SIGTERM or SIGINT, which the service's loop watches to
-    stop cleanly; ``what_happens`` tells the log what the service does then."""
+    stop cleanly; ``what_happens`` tells the log what the service does then.
+    SIGUSR1 prints every thread's stack to stderr and changes nothing else: how
+    to see where a service that does not stop is stuck (``kill -USR1 PID``)."""
     stop = threading.Event()
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
     def request_stop(signum: int, _frame: object) -> None:
         log.info("%s received: %s", signal.Signals(signum).name, what_happens)
