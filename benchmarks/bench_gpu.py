@@ -11,7 +11,7 @@ trainer's log windows, the first ``--skip_windows`` left out: they hold the
 compilation), the last evaluation's ELBO from the checkpoint, and a sample.
 Run from the repository root on a machine whose torch sees a GPU::
 
-    python -m benchmarks.bench_gpu                       # 1000 steps, 4 producers
+    python -m benchmarks.bench_gpu                       # 1500 steps, 4 producers
     python -m benchmarks.bench_gpu --steps=300 --json=gpu.json
 
 Any other ``--key=value`` is a setting for the producers and the trainer
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import with_defaults
@@ -42,23 +43,39 @@ WINDOW = re.compile(
     r"iter (?P<iter>\d+)/\d+: loss (?P<loss>[\d.]+), lr \S+, (?P<ms>[\d.]+) ms/step, "
     r"(?P<tok>\d+) tokens/s, data wait (?P<wait>[\d.]+)%(?:, mfu (?P<mfu>[\d.]+)%)?"
 )
-OPTIONS = {"steps": 1000, "producers": 4, "train_seconds": 300.0, "skip_windows": 3}
 
 
-def split_options(argv: list[str]) -> tuple[dict, str | None, str, list[str]]:
-    """(benchmark options, --json path, --nproc, settings) from ``argv``."""
-    options, json_path, nproc, rest = dict(OPTIONS), None, "gpu", []
+@dataclass
+class Options:
+    """The benchmark's own flags; every other ``--key=value`` is a setting."""
+
+    steps: int = 1500
+    producers: int = 4
+    train_seconds: float = 300.0
+    skip_windows: int = 3
+    nproc: str = "gpu"
+    json: str | None = None
+
+
+def split_options(argv: list[str]) -> tuple[Options, list[str]]:
+    o, settings = Options(), []
     for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key in options:
-            options[key] = type(OPTIONS[key])(value)
-        elif key == "json":
-            json_path = value
-        elif key == "nproc":
-            nproc = value
+        value = arg.partition("=")[2]
+        if arg.startswith("--steps="):
+            o.steps = int(value)
+        elif arg.startswith("--producers="):
+            o.producers = int(value)
+        elif arg.startswith("--train_seconds="):
+            o.train_seconds = float(value)
+        elif arg.startswith("--skip_windows="):
+            o.skip_windows = int(value)
+        elif arg.startswith("--nproc="):
+            o.nproc = value
+        elif arg.startswith("--json="):
+            o.json = value
         else:
-            rest.append(arg)
-    return options, json_path, nproc, rest
+            settings.append(arg)
+    return o, settings
 
 
 def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:
@@ -143,14 +160,14 @@ def device_line() -> str:
 
 
 def main(argv: list[str]) -> int:
-    options, json_path, nproc, rest = split_options(argv)
+    o, rest = split_options(argv)
     settings = with_defaults(
         [
             "--preset=char_diffusion",
             "--device=cuda",
             "--dtype=bfloat16",
             "--compile=true",
-            f"--max_iters={options['steps']}",
+            f"--max_iters={o.steps}",
             *rest,
         ]
     )
@@ -166,22 +183,22 @@ def main(argv: list[str]) -> int:
         args = [*settings, f"--redis_url={server.url}", f"--out_dir={out_dir}", "--run_name=gpu"]
         producers = [
             spawn("services.producer", [*args, "--metrics_port=0"], OUT / f"producer{i}.log")
-            for i in range(options["producers"])
+            for i in range(o.producers)
         ]
         trainer_log = OUT / "trainer.log"
         trainer = spawn(
             "services.trainer.launch",
-            [f"--nproc_per_node={nproc}", *args, "--trainer_metrics_port=0"],
+            [f"--nproc_per_node={o.nproc}", *args, "--trainer_metrics_port=0"],
             trainer_log,
         )
         stop_echo = threading.Event()
         echo = threading.Thread(target=follow, args=(trainer_log, stop_echo), daemon=True)
         echo.start()
-        deadline = time.monotonic() + options["train_seconds"]
+        deadline = time.monotonic() + o.train_seconds
         stopped = False
         while trainer.poll() is None:
             if time.monotonic() > deadline and not stopped:
-                print(f"bench-gpu: {options['train_seconds']:g} s reached, stopping the trainer")
+                print(f"bench-gpu: {o.train_seconds:g} s reached, stopping the trainer")
                 trainer.send_signal(signal.SIGTERM)  # it finishes its step and checkpoints
                 stopped = True
             time.sleep(0.5)
@@ -196,7 +213,7 @@ def main(argv: list[str]) -> int:
         return trainer.returncode or 1
 
     log_text = trainer_log.read_text()
-    speed = steady_state(log_text, options["skip_windows"])
+    speed = steady_state(log_text, o.skip_windows)
     path = checkpoint_path(out_dir)
     checkpoint = Checkpoint.load(path)
     last = checkpoint.history[-1] if checkpoint.history else {}
@@ -248,8 +265,8 @@ def main(argv: list[str]) -> int:
             f"({last['nats_per_char']:.4f} ± {last['stderr_nats']:.4f} nats/char, "
             f"{last['windows']} validation windows), val loss {last['val_loss']:.4f}"
         )
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1, default=str))
+    if o.json:
+        Path(o.json).write_text(json.dumps(result, indent=1, default=str))
     return 0
 
 
