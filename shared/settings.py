@@ -394,7 +394,7 @@ class TrainSettings(_Base):
         9200, ge=0, le=65535, description="trainer's Prometheus port, all ranks (0 = none)"
     )
     peak_flops: float = Field(
-        0.0, ge=0, description="accelerator peak FLOP/s for MFU (0 = known GPUs, else none)"
+        0.0, ge=0, description="one device's peak FLOP/s for MFU (0 = known GPUs, else none)"
     )
     wandb_log: bool = Field(False, description="log to Weights & Biases (needs wandb)")
     wandb_project: str = "maskstream"

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 
 from services.trainer.checkpoint import Checkpoint, CheckpointError
 from services.trainer.feed import MicroBatch
+from services.trainer.model import MaskedLM
 from services.trainer.train import Dist, Trainer, set_learning_rate, wait_for_contract
 from shared.codec import Batch, encode
 from shared.redis_server import RedisServer
@@ -90,6 +92,7 @@ def test_two_ranks_ack_every_entry_exactly_once(redis7, shakespeare, start_produ
             "--gradient_accumulation_steps=2",
             f"--out_dir={tmp_path / 'run'}",
             f"--ack_log={ack_log}",
+            "--peak_flops=1e9",
         ],
         tmp_path / "trainer.log",
     )
@@ -103,6 +106,12 @@ def test_two_ranks_ack_every_entry_exactly_once(redis7, shakespeare, start_produ
     assert "val loss" in out and "(0 double)" in out
     ckpt = Checkpoint.load(tmp_path / "run" / "ckpt.pt")
     assert ckpt.iter_num == 30 and ckpt.stream["world"] == 2
+    # tokens/s counts both ranks' tokens, so MFU is against both devices' peak.
+    flops = MaskedLM(ckpt.model_config).flops_per_token()
+    logged = re.findall(r"([\d]+) tokens/s, data wait [\d.]+%, mfu ([\d.]+)%", out)
+    assert len(logged) == 6, out[-2000:]
+    for tokens_per_s, mfu in logged:
+        assert float(mfu) == pytest.approx(100 * int(tokens_per_s) * flops / 2e9, abs=0.06)
 
 
 def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int | None:

@@ -809,8 +809,11 @@ class Trainer:
                 elapsed = now - t_last
                 wait = self.feed.wait_s - wait_last
                 tok_s = steps_since * self.tokens_per_step / elapsed
+                # tok_s counts every rank's tokens: against the peak of every rank's device.
                 mfu = (
-                    self.raw_model.estimate_mfu(tok_s, self.peak_flops) if self.peak_flops else None
+                    self.raw_model.estimate_mfu(tok_s, self.peak_flops * self.d.world)
+                    if self.peak_flops
+                    else None
                 )
                 log.info(
                     "[%3.0f%%] iter %d/%d: loss %.4f, lr %.2e, %.1f ms/step, %.0f tokens/s, "
