@@ -91,6 +91,19 @@ def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:
         )
 
 
+def wait_for_trainer(trainer: subprocess.Popen, seconds: float) -> None:
+    """Until the trainer exits; after ``seconds`` it is asked to stop (SIGTERM: it
+    finishes its step and checkpoints)."""
+    deadline = time.monotonic() + seconds
+    while trainer.poll() is None:
+        if time.monotonic() > deadline:
+            print(f"bench-gpu: {seconds:g} s reached, stopping the trainer", flush=True)
+            trainer.send_signal(signal.SIGTERM)
+            trainer.wait()
+            return
+        time.sleep(0.5)
+
+
 def stop_producers(producers: list[subprocess.Popen], grace_s: float = 20.0) -> list[int | str]:
     """SIGTERM each producer; one still running after ``grace_s`` prints its
     threads' stacks into its log (SIGUSR1) and is killed."""
@@ -160,6 +173,8 @@ def device_line() -> str:
 
 
 def main(argv: list[str]) -> int:
+    # SIGTERM unwinds like Ctrl-C: the trainer, producers and Redis are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     o, rest = split_options(argv)
     settings = with_defaults(
         [
@@ -194,18 +209,16 @@ def main(argv: list[str]) -> int:
         stop_echo = threading.Event()
         echo = threading.Thread(target=follow, args=(trainer_log, stop_echo), daemon=True)
         echo.start()
-        deadline = time.monotonic() + o.train_seconds
-        stopped = False
-        while trainer.poll() is None:
-            if time.monotonic() > deadline and not stopped:
-                print(f"bench-gpu: {o.train_seconds:g} s reached, stopping the trainer")
-                trainer.send_signal(signal.SIGTERM)  # it finishes its step and checkpoints
-                stopped = True
-            time.sleep(0.5)
-        train_s = time.monotonic() - started
-        stop_echo.set()
-        echo.join(5)
-        producer_codes = stop_producers(producers)
+        try:
+            wait_for_trainer(trainer, o.train_seconds)
+        finally:  # Ctrl-C too: nothing this benchmark started outlives it
+            if trainer.poll() is None:
+                trainer.send_signal(signal.SIGTERM)
+                trainer.wait(150)
+            train_s = time.monotonic() - started
+            stop_echo.set()
+            echo.join(5)
+            producer_codes = stop_producers(producers)
     print(f"bench-gpu: trainer exited with {trainer.returncode}, producers with {producer_codes}")
     if trainer.returncode != 0:
         for i in range(len(producers)):
