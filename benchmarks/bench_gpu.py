@@ -33,8 +33,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from benchmarks import with_defaults
+from services.trainer.checkpoint import Checkpoint, checkpoint_path
 from shared.lifecycle import child_env
+from shared.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("BENCH_GPU_DIR", "/tmp/maskstream-bench-gpu"))
@@ -161,8 +165,6 @@ def steady_state(log_text: str, skip: int) -> dict:
 
 
 def device_line() -> str:
-    import torch  # only here: the rest of the benchmark runs without it
-
     if not torch.cuda.is_available():
         return f"no GPU (torch {torch.__version__})"
     names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
@@ -186,9 +188,15 @@ def main(argv: list[str]) -> int:
             *rest,
         ]
     )
-    from services.trainer.checkpoint import Checkpoint, checkpoint_path
-    from shared.redis_server import RedisServer
-
+    device = [a for a in settings if a.startswith("--device=")][-1].partition("=")[2]
+    if device != "cpu" and not torch.cuda.is_available():
+        print(
+            f"bench-gpu: torch {torch.__version__} sees no GPU. Install a CUDA build of torch "
+            "(docs/training.md, 'On a GPU'), or try the benchmark on the CPU: --nproc=1 "
+            "--device=cpu --compile=false",
+            file=sys.stderr,
+        )
+        return 2
     OUT.mkdir(parents=True, exist_ok=True)
     out_dir = OUT / "run"
     print(f"bench-gpu: {device_line()}", flush=True)

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from benchmarks import bench_gpu
 from tests.helpers import REPO
@@ -51,6 +52,21 @@ def test_trains_under_torchrun_and_reports_speed_and_the_elbo(shakespeare, tmp_p
     assert 2.0 < final["nats_per_char"] <= math.log(66) + 0.1
     assert final["bits_per_char"] == pytest.approx(final["nats_per_char"] / math.log(2))
     assert f"ELBO after 40 steps: {final['bits_per_char']:.4f} bits/char" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_says_how_to_get_one_or_run_on_the_cpu(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_gpu", "--steps=10"],
+        cwd=REPO,
+        env={**bench_gpu.child_env(), "BENCH_GPU_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "sees no GPU" in out.stderr and "--device=cpu" in out.stderr
+    assert not list(tmp_path.iterdir())  # nothing started
 
 
 def test_steady_state_leaves_out_the_first_windows():
