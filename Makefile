@@ -41,7 +41,7 @@ format: install ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-producer bench-trainer bench-autoscaler bench-quality bench-masking ## every benchmark
+bench: bench-producer bench-trainer bench-autoscaler bench-quality bench-masking ## every CPU benchmark
 
 bench-producer: install ## producer masking/encoding, codec and Redis throughput on one core
 	$(PY) -m benchmarks.bench_producer

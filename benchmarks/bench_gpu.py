@@ -37,6 +37,7 @@ import torch
 
 from benchmarks import with_defaults
 from services.trainer.checkpoint import Checkpoint, checkpoint_path
+from services.trainer.launch import GRACE_S
 from shared.lifecycle import child_env
 from shared.redis_server import RedisServer
 
@@ -96,16 +97,28 @@ def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:
 
 
 def wait_for_trainer(trainer: subprocess.Popen, seconds: float) -> None:
-    """Until the trainer exits; after ``seconds`` it is asked to stop (SIGTERM: it
-    finishes its step and checkpoints)."""
+    """Until the trainer exits; after ``seconds`` it is asked to stop."""
     deadline = time.monotonic() + seconds
     while trainer.poll() is None:
         if time.monotonic() > deadline:
             print(f"bench-gpu: {seconds:g} s reached, stopping the trainer", flush=True)
-            trainer.send_signal(signal.SIGTERM)
-            trainer.wait()
+            stop_trainer(trainer)
             return
         time.sleep(0.5)
+
+
+def stop_trainer(trainer: subprocess.Popen) -> None:
+    """SIGTERM the launcher: the ranks finish their step and checkpoint. Past the
+    launcher's own limit (its ranks' grace, then torchrun's), its whole process
+    group is killed."""
+    if trainer.poll() is not None:
+        return
+    trainer.send_signal(signal.SIGTERM)
+    try:
+        trainer.wait(GRACE_S + 60)
+    except subprocess.TimeoutExpired:
+        os.killpg(trainer.pid, signal.SIGKILL)  # a session of its own: pgid == pid
+        trainer.wait()
 
 
 def stop_producers(producers: list[subprocess.Popen], grace_s: float = 20.0) -> list[int | str]:
@@ -220,13 +233,13 @@ def main(argv: list[str]) -> int:
         try:
             wait_for_trainer(trainer, o.train_seconds)
         finally:  # Ctrl-C too: nothing this benchmark started outlives it
-            if trainer.poll() is None:
-                trainer.send_signal(signal.SIGTERM)
-                trainer.wait(150)
-            train_s = time.monotonic() - started
-            stop_echo.set()
-            echo.join(5)
-            producer_codes = stop_producers(producers)
+            try:
+                stop_trainer(trainer)
+            finally:
+                producer_codes = stop_producers(producers)
+                stop_echo.set()
+                echo.join(5)
+        train_s = time.monotonic() - started
     print(f"bench-gpu: trainer exited with {trainer.returncode}, producers with {producer_codes}")
     if trainer.returncode != 0:
         for i in range(len(producers)):
@@ -281,13 +294,22 @@ def main(argv: list[str]) -> int:
             + (f"{speed['mfu_pct']:.1f}%" if speed["mfu_pct"] is not None else "n/a")
         )
     if last:
+        kind = "AR NLL" if last.get("bound") == "ar_nll" else "ELBO"
+        when = (
+            f"after {last['iter']} steps"
+            if last["iter"] == checkpoint.iter_num
+            else f"at step {last['iter']} (the last evaluation; stopped at {checkpoint.iter_num})"
+        )
         print(
-            f"bench-gpu: ELBO after {last['iter']} steps: {last['bits_per_char']:.4f} bits/char "
-            f"({last['nats_per_char']:.4f} ± {last['stderr_nats']:.4f} nats/char, "
+            f"bench-gpu: {kind} {when}: {last['bits_per_char']:.4f} "
+            f"bits/char ({last['nats_per_char']:.4f} ± {last['stderr_nats']:.4f} nats/char, "
             f"{last['windows']} validation windows), val loss {last['val_loss']:.4f}"
         )
     if o.json:
         Path(o.json).write_text(json.dumps(result, indent=1, default=str))
+    if sample.returncode != 0:
+        print("bench-gpu: sampling from the checkpoint failed (above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -35,7 +34,6 @@ from shared.lifecycle import child_env
 from shared.redis_server import RedisServer
 from shared.settings import TrainerConfig, load_settings
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO, TARGET_WAIT, TARGET_CHECKS = 0.97, 0.02, 0.01
 
 
@@ -72,7 +70,8 @@ def measure(trainer: Trainer, feed, steps: int) -> tuple[float, float]:
         torch.cuda.synchronize()
     wait0, started = feed.wait_s, time.perf_counter()
     for _ in range(steps):
-        trainer.train_step()
+        if trainer.train_step() is None:
+            sys.exit("bench-trainer: the trainer stopped: a producer exited (see above)")
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -111,9 +110,12 @@ def main(argv: list[str]) -> int:
             )
             trainer = Trainer.start(settings, dead)
             if trainer is None:
-                logs[0].seek(0)
-                tail = logs[0].read()[-2000:].decode(errors="replace")
-                sys.exit(f"bench-trainer: a producer exited early; its log ends:\n{tail}")
+                for proc, log in zip(producers, logs, strict=True):
+                    if proc.poll() is not None:
+                        log.seek(0)
+                        tail = log.read()[-2000:].decode(errors="replace")
+                        sys.exit(f"bench-trainer: a producer exited early; its log ends:\n{tail}")
+                sys.exit("bench-trainer: the trainer stopped before it started")
             stream_feed = trainer.feed
             stream_feed.start()
             for _ in range(5):  # warm up, and let the read-ahead fill

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from services.trainer.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from services.trainer.elbo import Bound
@@ -24,8 +23,6 @@ from shared.exit_codes import ExitCode
 from shared.lifecycle import child_env
 from shared.redis_server import RedisServer, RedisServerError
 from shared.settings import Settings, SettingsError, load_settings
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def say(message: str) -> None:
