@@ -96,15 +96,25 @@ def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:
         )
 
 
-def wait_for_trainer(trainer: subprocess.Popen, seconds: float) -> None:
-    """Until the trainer exits; after ``seconds`` it is asked to stop."""
+def wait_for_trainer(
+    trainer: subprocess.Popen, producers: list[subprocess.Popen], seconds: float
+) -> bool:
+    """Until the trainer exits; after ``seconds`` it is asked to stop. False when a
+    producer exited first (a bad setting, a missing package): the trainer, which
+    would wait for data for ever, is stopped then."""
     deadline = time.monotonic() + seconds
     while trainer.poll() is None:
+        exited = [i for i, proc in enumerate(producers) if proc.poll() is not None]
+        if exited:
+            print(f"bench-gpu: producer {exited[0]} exited, stopping the trainer", flush=True)
+            stop_trainer(trainer)
+            return False
         if time.monotonic() > deadline:
             print(f"bench-gpu: {seconds:g} s reached, stopping the trainer", flush=True)
             stop_trainer(trainer)
-            return
+            return True
         time.sleep(0.5)
+    return True
 
 
 def stop_trainer(trainer: subprocess.Popen) -> None:
@@ -190,7 +200,15 @@ def device_line() -> str:
 def main(argv: list[str]) -> int:
     # SIGTERM unwinds like Ctrl-C: the trainer, producers and Redis are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    o, rest = split_options(argv)
+    try:
+        o, rest = split_options(argv)
+    except ValueError as exc:
+        print(
+            f"bench-gpu: {exc}: --steps, --producers and --skip_windows take whole numbers, "
+            "--train_seconds a number",
+            file=sys.stderr,
+        )
+        return 2
     settings = with_defaults(
         [
             "--preset=char_diffusion",
@@ -230,8 +248,9 @@ def main(argv: list[str]) -> int:
         stop_echo = threading.Event()
         echo = threading.Thread(target=follow, args=(trainer_log, stop_echo), daemon=True)
         echo.start()
+        fed = False
         try:
-            wait_for_trainer(trainer, o.train_seconds)
+            fed = wait_for_trainer(trainer, producers, o.train_seconds)
         finally:  # Ctrl-C too: nothing this benchmark started outlives it
             try:
                 stop_trainer(trainer)
@@ -241,7 +260,7 @@ def main(argv: list[str]) -> int:
                 echo.join(5)
         train_s = time.monotonic() - started
     print(f"bench-gpu: trainer exited with {trainer.returncode}, producers with {producer_codes}")
-    if trainer.returncode != 0:
+    if trainer.returncode != 0 or not fed:
         for i in range(len(producers)):
             print(f"--- producer{i}.log (tail)\n{(OUT / f'producer{i}.log').read_text()[-1500:]}")
         return trainer.returncode or 1

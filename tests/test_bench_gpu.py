@@ -68,6 +68,22 @@ def test_without_a_gpu_it_says_how_to_get_one_or_run_on_the_cpu(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing started
 
 
+def test_producers_that_cannot_start_stop_the_run_with_their_reason(tmp_path):
+    # The trainer alone would wait for data for ever; the benchmark stops it instead.
+    missing = tmp_path / "no-such-corpus.txt"
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_gpu", *TOY, f"--corpus_path={missing}"],
+        cwd=REPO,
+        env={**bench_gpu.child_env(), "BENCH_GPU_DIR": str(tmp_path / "bench")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert re.search(r"producer \d exited, stopping the trainer", out.stdout), out.stdout[-2000:]
+    assert f"corpus_path {missing} does not exist" in out.stdout
+
+
 def test_steady_state_leaves_out_the_first_windows():
     line = (
         "INFO trainer[rank0] services.trainer.train: [ 10%] iter {i}/100: loss 2.5000, "
