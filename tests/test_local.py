@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -57,3 +58,36 @@ def test_local_stack_trains_samples_and_stops_cleanly(shakespeare, tmp_path):
     last = out.strip().splitlines()[-1]
     bound = re.fullmatch(r"val ELBO (\d+\.\d{4}) bits/char \(.* \d+ validation windows\)", last)
     assert bound and float(bound.group(1)) < math.log2(66), last
+
+
+def test_a_producer_that_cannot_start_ends_the_run_with_its_code(tmp_path):
+    # A typo in the corpus path: the producers exit 2 at once; the trainer would wait for
+    # data for ever. A checkpoint left by an earlier run must not be reported as this one's.
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "ckpt.pt").write_bytes(b"an earlier run's checkpoint")
+    run = subprocess.run(
+        [sys.executable, "-m", "services.local", "--preset=tiny",
+         f"--corpus_path={tmp_path / 'no-such-corpus.txt'}", f"--out_dir={out_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert re.search(r"producer \d exited with 2 \(its error is above\)", run.stdout)
+    assert "no-such-corpus.txt does not exist" in run.stderr
+    assert "sample" not in run.stdout and "val loss" not in run.stdout
+
+
+def test_the_report_takes_only_a_checkpoint_this_run_wrote(tmp_path, capsys):
+    from services.local.__main__ import report
+    from shared.exit_codes import ExitCode
+    from shared.settings import load_settings
+
+    settings = load_settings(["--preset=tiny", f"--out_dir={tmp_path}"], env={})
+    (tmp_path / "ckpt.pt").write_bytes(b"older than this run")
+    os.utime(tmp_path / "ckpt.pt", (1_000_000_000, 1_000_000_000))
+    assert report(settings, since=time.time()) == ExitCode.FAILURE
+    assert "this run wrote no checkpoint" in capsys.readouterr().out

@@ -53,7 +53,15 @@ def stop_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     return codes
 
 
-def wait_for_trainer(trainer: subprocess.Popen, stop: threading.Event, seconds: float) -> None:
+def wait_for_trainer(
+    trainer: subprocess.Popen,
+    producers: list[subprocess.Popen],
+    stop: threading.Event,
+    seconds: float,
+) -> int | None:
+    """Until the trainer exits, Ctrl-C, or ``seconds``. A producer that exits
+    first (a missing corpus, a bad setting: its error is above) ends the run too,
+    as the trainer would wait for data for ever; then its exit code."""
     deadline = time.monotonic() + seconds
     while trainer.poll() is None:
         if stop.is_set():
@@ -62,14 +70,20 @@ def wait_for_trainer(trainer: subprocess.Popen, stop: threading.Event, seconds: 
         if time.monotonic() > deadline:
             say(f"local_seconds={seconds:g} reached: stopping the trainer")
             break
+        for i, proc in enumerate(producers):
+            if (code := proc.poll()) is not None:
+                say(f"producer {i} exited with {code} (its error is above): stopping the trainer")
+                return code or ExitCode.FAILURE
         time.sleep(0.2)
+    return None
 
 
-def report(settings: Settings) -> int:
-    """A sample from the checkpoint and its last validation loss."""
+def report(settings: Settings, since: float) -> int:
+    """A sample from the checkpoint this run wrote (at or after ``since``, a
+    time.time()) and its last validation loss."""
     path = checkpoint_path(settings.out_dir)
-    if not path.is_file():
-        say(f"no checkpoint at {path}: nothing to sample")
+    if not path.is_file() or path.stat().st_mtime < since:
+        say(f"this run wrote no checkpoint at {path}: nothing to sample")
         return ExitCode.FAILURE
     sample = subprocess.run(
         [
@@ -133,18 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         else spawn("services.producer", child_args)
         for i in range(settings.local_producers)
     ]
+    started = time.time()
     trainer = spawn("services.trainer", child_args)
     say(f"{len(producers)} producers and a trainer started; Ctrl-C stops them cleanly")
+    producer_failed = None
     try:
-        wait_for_trainer(trainer, stop, settings.local_seconds)
+        producer_failed = wait_for_trainer(trainer, producers, stop, settings.local_seconds)
     finally:
         trainer_code = stop_all([trainer], timeout=120)[0]
         producer_codes = stop_all(producers, timeout=30)
         server.stop()
         say(f"trainer exited with {trainer_code}, producers with {producer_codes}; redis stopped")
+    if producer_failed is not None:
+        return producer_failed
     if trainer_code != 0:
         return trainer_code
-    return report(settings)
+    return report(settings, started)
 
 
 if __name__ == "__main__":
