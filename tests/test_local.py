@@ -3,11 +3,13 @@
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import redis
 
 from tests.helpers import REPO
 
@@ -91,3 +93,36 @@ def test_the_report_takes_only_a_checkpoint_this_run_wrote(tmp_path, capsys):
     os.utime(tmp_path / "ckpt.pt", (1_000_000_000, 1_000_000_000))
     assert report(settings, since=time.time()) == ExitCode.FAILURE
     assert "this run wrote no checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_redis_killed_mid_run_is_started_again_and_training_finishes(shakespeare, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.local", "--preset=tiny", f"--corpus_path={shakespeare}",
+         "--batch_size=8", "--block_size=64", "--n_layer=1", "--n_head=2", "--n_embd=32",
+         "--max_iters=400", "--eval_interval=200", "--val_batches=4", "--eval_iters=4",
+         "--log_interval=10", "--torch_threads=1", f"--out_dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    lines, port = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if port is None and (found := re.match(r"\[local\] redis \S+ on port (\d+)", line)):
+                port = int(found.group(1))
+            if re.search(r"iter (2|3)0/400", line):  # training: kill its Redis now
+                pid = redis.Redis(port=port).info("server")["process_id"]
+                os.kill(pid, signal.SIGKILL)
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert re.search(r"redis-server exited with -9: starting it again, empty, on port", out)
+    assert "iter 400/400" in out and "trainer exited with 0, producers with [0, 0]" in out
+    assert re.search(r"^val ELBO \d+\.\d{4} bits/char", out.strip().splitlines()[-1])

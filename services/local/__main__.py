@@ -24,6 +24,8 @@ from shared.lifecycle import child_env
 from shared.redis_server import RedisServer, RedisServerError
 from shared.settings import Settings, SettingsError, load_settings
 
+MAX_REDIS_RESTARTS = 5  # in one run: past that, something keeps killing it
+
 
 def say(message: str) -> None:
     print(f"[local] {message}", flush=True)
@@ -56,14 +58,30 @@ def stop_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 def wait_for_trainer(
     trainer: subprocess.Popen,
     producers: list[subprocess.Popen],
+    server: RedisServer,
     stop: threading.Event,
     seconds: float,
 ) -> int | None:
     """Until the trainer exits, Ctrl-C, or ``seconds``. A producer that exits
     first (a missing corpus, a bad setting: its error is above) ends the run too,
-    as the trainer would wait for data for ever; then its exit code."""
+    as the trainer would wait for data for ever; then its exit code. A Redis that
+    dies is started again, empty, on its port: the producers publish the contract
+    again and the trainer carries on, as after any Redis restart."""
     deadline = time.monotonic() + seconds
+    restarts = 0
     while trainer.poll() is None:
+        if server.proc is not None and (code := server.proc.poll()) is not None:
+            if restarts == MAX_REDIS_RESTARTS:
+                tail = server.log.read_text()[-1500:] if server.log.exists() else ""
+                say(f"redis-server exited {restarts + 1} times: giving up. Its log ends:\n{tail}")
+                return ExitCode.FAILURE
+            restarts += 1
+            say(f"redis-server exited with {code}: starting it again, empty, on port {server.port}")
+            try:
+                server.start()
+            except RedisServerError as exc:
+                say(f"redis-server would not start again: {exc}")
+                return ExitCode.FAILURE
         if stop.is_set():
             say("stopping: the trainer finishes its step and checkpoints")
             break
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{len(producers)} producers and a trainer started; Ctrl-C stops them cleanly")
     producer_failed = None
     try:
-        producer_failed = wait_for_trainer(trainer, producers, stop, settings.local_seconds)
+        producer_failed = wait_for_trainer(trainer, producers, server, stop, settings.local_seconds)
     finally:
         trainer_code = stop_all([trainer], timeout=120)[0]
         producer_codes = stop_all(producers, timeout=30)
