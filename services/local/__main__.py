@@ -216,16 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     say(f"redis {server.version()} on port {server.port} ({server.binary})")
-    stack = Stack(server, [*argv, f"--redis_url={server.url}"], settings)
-    say(
-        f"{len(stack.producers)} producers and a trainer started; Ctrl-C stops them cleanly, "
-        "one that dies is started again"
-    )
-    ended = None
+    stack, ended = None, None
     try:
+        stack = Stack(server, [*argv, f"--redis_url={server.url}"], settings)
+        say(
+            f"{len(stack.producers)} producers and a trainer started; Ctrl-C stops them "
+            "cleanly, one that dies is started again"
+        )
         ended = stack.watch(stop, settings.local_seconds)
     finally:
-        trainer_code = stack.stop()
+        if stack is None:
+            server.stop()
+        trainer_code = stack.stop() if stack is not None else ExitCode.FAILURE
     if ended is not None:
         return ended
     if trainer_code != 0:
