@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """For ``Popen(preexec_fn=...)``: the child gets SIGTERM when the process that
+    started it dies, even by SIGKILL, so that a supervisor killed outright leaves
+    nothing running (Linux; elsewhere nothing happens)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+from shared.lifecycle import die_with_parent
+
 
 class RedisServerError(RuntimeError):
     """No redis-server to run, or it would not start."""
@@ -55,6 +57,7 @@ class RedisServer:
         port: int | None = None,
         cores: Iterable[int] | None = None,
         new_session: bool = False,
+        die_with_parent: bool = False,
         extra_args: Iterable[str] = (),
     ) -> None:
         self.binary = binary or find_redis_server()
@@ -66,6 +69,8 @@ class RedisServer:
         # A new session keeps a terminal's Ctrl-C away from it, so that the
         # owner can stop it last.
         self.new_session = new_session
+        # SIGTERM when the process that started it dies, even by SIGKILL (Linux).
+        self.die_with_parent = die_with_parent
         # Later arguments win: "--appendonly yes" here turns persistence on.
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
@@ -100,8 +105,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=self.new_session,
-            # Before exec, so that redis-server's own threads inherit it too.
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+            preexec_fn=self._before_exec if cores or self.die_with_parent else None,
         )
         client = self.client(socket_connect_timeout=0.5)
         deadline = time.monotonic() + 10
@@ -123,6 +127,13 @@ class RedisServer:
                 time.sleep(0.02)
         finally:
             client.close()
+
+    def _before_exec(self) -> None:
+        # Before exec, so that redis-server's own threads inherit the cores too.
+        if self.cores:
+            os.sched_setaffinity(0, self.cores)
+        if self.die_with_parent:
+            die_with_parent()
 
     def version(self) -> str:
         return self.client().info("server")["redis_version"]

@@ -168,3 +168,23 @@ def test_redis_killed_mid_run_is_started_again_and_training_finishes(shakespeare
     assert re.search(r"redis-server exited with -9: starting it again, empty, on port", out)
     assert "iter 400/400" in out and "trainer exited with 0, producers with [0, 0]" in out
     assert re.search(r"^val ELBO \d+\.\d{4} bits/char", out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_killing_the_stack_outright_stops_everything_it_started(shakespeare, tmp_path):
+    proc = start_toy_stack(shakespeare, tmp_path, "--max_iters=100000")
+    try:
+        for line in proc.stdout:
+            if re.search(r"iter \d+0/100000", line):  # training
+                break
+        children = psutil.Process(proc.pid).children()
+        assert len(children) == 4  # redis-server, two producers, the trainer
+        killed_at = time.time()
+        proc.kill()  # kill -9: no chance to stop anything itself
+        proc.wait()
+        _gone, alive = psutil.wait_procs(children, timeout=60)
+    finally:
+        proc.kill()
+    assert not alive, [p.cmdline() for p in alive]
+    # The trainer was asked to stop, not killed: it checkpointed on the way out.
+    assert (tmp_path / "run" / "ckpt.pt").stat().st_mtime >= killed_at

@@ -22,7 +22,7 @@ from pathlib import Path
 from services.trainer.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from services.trainer.elbo import Bound
 from shared.exit_codes import ExitCode
-from shared.lifecycle import child_env
+from shared.lifecycle import child_env, die_with_parent
 from shared.redis_server import RedisServer, RedisServerError
 from shared.settings import Settings, SettingsError, load_settings
 
@@ -44,6 +44,7 @@ def spawn(module: str, args: list[str]) -> subprocess.Popen:
         [sys.executable, "-m", module, *args],
         env=child_env(),
         start_new_session=True,
+        preexec_fn=die_with_parent,  # killed outright, we still stop our children
     )
 
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        server = RedisServer(new_session=True).start()
+        server = RedisServer(new_session=True, die_with_parent=True).start()
     except RedisServerError as exc:
         print(f"local: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
