@@ -38,7 +38,7 @@ import torch
 from benchmarks import with_defaults
 from services.trainer.checkpoint import Checkpoint, checkpoint_path
 from services.trainer.launch import GRACE_S
-from shared.lifecycle import child_env
+from shared.lifecycle import child_env, die_with_parent
 from shared.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +93,7 @@ def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
 
@@ -232,7 +233,7 @@ def main(argv: list[str]) -> int:
     out_dir = OUT / "run"
     print(f"bench-gpu: {device_line()}", flush=True)
     started = time.monotonic()
-    with RedisServer(new_session=True) as server:
+    with RedisServer(new_session=True, die_with_parent=True) as server:
         print(f"bench-gpu: redis {server.version()} on port {server.port} ({server.binary})")
         args = [*settings, f"--redis_url={server.url}", f"--out_dir={out_dir}", "--run_name=gpu"]
         producers = [
