@@ -111,7 +111,8 @@ class Stack:
                 if not self._again("trainer", code):
                     return code
                 path = checkpoint_path(self.settings.out_dir)
-                resume = written_since(path, self.started)
+                # A run that itself resumed an older checkpoint keeps resuming it.
+                resume = self.settings.init_from == "resume" or written_since(path, self.started)
                 say(
                     f"trainer exited with {code}: starting it again, "
                     + ("from its checkpoint" if resume else "from scratch (no checkpoint yet)")
