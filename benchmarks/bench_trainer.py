@@ -14,6 +14,7 @@ Any ``--key=value`` is a setting (see ``python -m services.producer --help``);
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see services/trainer/__main__.py
@@ -78,6 +79,59 @@ def measure(trainer: Trainer, feed, steps: int) -> tuple[float, float]:
     return steps * trainer.tokens_per_step / elapsed, (feed.wait_s - wait0) / elapsed
 
 
+class TimedFeed:
+    """A feed whose ``next`` and ``ack`` calls, made in the step's own thread,
+    are timed: the host time the feed takes from the step itself."""
+
+    def __init__(self, feed) -> None:
+        self.feed, self.next_s, self.ack_s = feed, 0.0, 0.0
+
+    @property
+    def wait_s(self) -> float:
+        return self.feed.wait_s
+
+    def next(self, stop: threading.Event | None = None) -> MicroBatch | None:
+        started = time.perf_counter()
+        try:
+            return self.feed.next(stop)
+        finally:
+            self.next_s += time.perf_counter() - started
+
+    def ack(self, entry_ids: list[bytes]) -> int:
+        started = time.perf_counter()
+        try:
+            return self.feed.ack(entry_ids)
+        finally:
+            self.ack_s += time.perf_counter() - started
+
+
+def profile(trainer: Trainer, feed, steps: int) -> dict[str, float]:
+    """Per step, in ms: wall time, the time the step's thread spent in the feed's
+    ``next`` and ``ack``, and (on a GPU) the time the device was busy with
+    kernels: a device busy for much less than the wall time waits for the host."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    timed = TimedFeed(feed)
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with torch_profile(activities=activities) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        measure(trainer, timed, steps)
+        wall = time.perf_counter() - started
+    device_s = (
+        sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if cuda else math.nan
+    )
+    return {
+        "wall": 1e3 * wall / steps,
+        "next": 1e3 * timed.next_s / steps,
+        "ack": 1e3 * timed.ack_s / steps,
+        "device": 1e3 * device_s / steps,
+    }
+
+
 def watch(producers: list[subprocess.Popen], dead: threading.Event) -> None:
     """Set ``dead`` once any producer has exited, for whatever reason."""
     while not dead.is_set():
@@ -89,6 +143,9 @@ def watch(producers: list[subprocess.Popen], dead: threading.Event) -> None:
 def main(argv: list[str]) -> int:
     steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--bench_steps=")), 40)
     rounds = next((int(a.split("=")[1]) for a in argv if a.startswith("--bench_rounds=")), 3)
+    profile_steps = next(
+        (int(a.split("=")[1]) for a in argv if a.startswith("--bench_profile=")), 0
+    )
     argv = [a for a in argv if not a.startswith("--bench_")]
     argv = with_defaults(argv)
     with RedisServer() as server, contextlib.ExitStack() as files:
@@ -125,6 +182,12 @@ def main(argv: list[str]) -> int:
             for _ in range(rounds):
                 results["stream"].append(measure(trainer, stream_feed, steps))
                 results["memory"].append(measure(trainer, memory, steps))
+            profiles = (
+                {"stream": profile(trainer, stream_feed, profile_steps),
+                 "memory": profile(trainer, memory, profile_steps)}
+                if profile_steps
+                else {}
+            )  # fmt: skip
             trainer.feed = stream_feed
             check_s = time_entry_checks(trainer)
             trainer.close()
@@ -164,6 +227,18 @@ def main(argv: list[str]) -> int:
         f"{1e6 * check_s:.1f} µs per entry = {100 * check_share:.2f}% of a step "
         f"(target < {100 * TARGET_CHECKS:g}%)"
     )
+    if profiles:
+        print(
+            f"\nper step, ms ({profile_steps} steps under torch.profiler each; device: time its "
+            "kernels ran)"
+        )
+        print(f"{'feed':<28}{'wall':>9}{'next()':>9}{'ack()':>9}{'device':>9}")
+        for name, label in (("stream", "Redis stream"), ("memory", "in-memory micro-batches")):
+            p = profiles[name]
+            print(
+                f"{label:<28}{p['wall']:>9.2f}{p['next']:>9.3f}{p['ack']:>9.3f}"
+                + (f"{p['device']:>9.2f}" if not math.isnan(p["device"]) else f"{'n/a':>9}")
+            )
     return 0
 
 
