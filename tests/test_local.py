@@ -112,6 +112,22 @@ def start_toy_stack(shakespeare, tmp_path, *args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def run_and_strike(proc: subprocess.Popen, when: str, strike) -> str:
+    """The stack's whole output; at its first line matching ``when``, ``strike``
+    (given the lines so far) does its harm, and the stack runs on to its end."""
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(when, line):
+                strike(lines)
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return "".join(lines) + rest
+
+
 def child_running(parent: int, module: str) -> psutil.Process:
     """The child of ``parent`` running ``python -m module``."""
     for child in psutil.Process(parent).children():
@@ -123,21 +139,14 @@ def child_running(parent: int, module: str) -> psutil.Process:
 @pytest.mark.slow
 def test_killed_producer_and_trainer_are_started_again_and_training_finishes(shakespeare, tmp_path):
     proc = start_toy_stack(shakespeare, tmp_path, "--max_iters=600", "--checkpoint_interval=100")
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(r"iter 1[5-9]0/600", line):  # past a checkpoint: kill -9 both
-                victims = [
-                    child_running(proc.pid, f"services.{m}") for m in ("producer", "trainer")
-                ]
-                for victim in victims:
-                    victim.kill()
-                break
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    out = "".join(lines) + rest
+
+    def kill_producer_and_trainer(_lines: list[str]) -> None:
+        victims = [child_running(proc.pid, f"services.{m}") for m in ("producer", "trainer")]
+        for victim in victims:
+            victim.kill()
+
+    # Past a checkpoint (every 100 steps): kill -9 both.
+    out = run_and_strike(proc, r"iter 1[5-9]0/600", kill_producer_and_trainer)
     assert proc.returncode == 0, out[-3000:]
     assert re.search(r"producer \d exited with -9: starting it again", out)
     assert "trainer exited with -9: starting it again, from its checkpoint" in out
@@ -150,20 +159,12 @@ def test_killed_producer_and_trainer_are_started_again_and_training_finishes(sha
 @pytest.mark.slow
 def test_redis_killed_mid_run_is_started_again_and_training_finishes(shakespeare, tmp_path):
     proc = start_toy_stack(shakespeare, tmp_path, "--max_iters=400")
-    lines, port = [], None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if port is None and (found := re.match(r"\[local\] redis \S+ on port (\d+)", line)):
-                port = int(found.group(1))
-            if re.search(r"iter (2|3)0/400", line):  # training: kill its Redis now
-                pid = redis.Redis(port=port).info("server")["process_id"]
-                os.kill(pid, signal.SIGKILL)
-                break
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    out = "".join(lines) + rest
+
+    def kill_redis(lines: list[str]) -> None:
+        port = re.search(r"\[local\] redis \S+ on port (\d+)", "".join(lines)).group(1)
+        os.kill(redis.Redis(port=int(port)).info("server")["process_id"], signal.SIGKILL)
+
+    out = run_and_strike(proc, r"iter (2|3)0/400", kill_redis)  # while training
     assert proc.returncode == 0, out[-3000:]
     assert re.search(r"redis-server exited with -9: starting it again, empty, on port", out)
     assert "iter 400/400" in out and "trainer exited with 0, producers with [0, 0]" in out
