@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from services.trainer.checkpoint import Checkpoint, CheckpointError
+from services.trainer.checkpoint import Checkpoint, CheckpointError, OutDirInUse, hold_out_dir
 from services.trainer.feed import MicroBatch
 from services.trainer.model import MaskedLM
 from services.trainer.train import Dist, Trainer, set_learning_rate, wait_for_contract
@@ -758,3 +758,30 @@ def test_a_trainer_started_before_redis_waits_for_it(shakespeare, start_producer
         log.close()
         server.stop()
     assert "Redis answers again" in (tmp_path / "trainer.log").read_text()
+
+
+def test_a_second_trainer_on_a_run_directory_in_use_exits_2(tmp_path):
+    # The lock is taken before Redis is reached: no server needed, and nothing written.
+    held = hold_out_dir(tmp_path)
+    try:
+        run = subprocess.run(
+            trainer_cmd(1, ["--redis_url=redis://127.0.0.1:1/0", *SMALL, f"--out_dir={tmp_path}"]),
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        held.close()
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"out_dir {tmp_path} is in use by another trainer (pid {os.getpid()} on" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_the_run_directory_lock_is_exclusive_and_released_on_close(tmp_path):
+    first = hold_out_dir(tmp_path)
+    with pytest.raises(OutDirInUse, match=f"pid {os.getpid()} on "):
+        hold_out_dir(tmp_path)
+    first.close()
+    hold_out_dir(tmp_path).close()  # free again

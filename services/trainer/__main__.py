@@ -32,7 +32,11 @@ import sys  # noqa: E402 - after the environment above
 
 from prometheus_client import multiprocess  # noqa: E402 - after the environment above
 
-from services.trainer.checkpoint import CheckpointError  # noqa: E402 - after the environment above
+from services.trainer.checkpoint import (  # noqa: E402 - after the environment above
+    CheckpointError,
+    OutDirInUse,
+    hold_out_dir,
+)
 from services.trainer.train import StepFailed, Trainer, TrainerConfigError  # noqa: E402 - after the environment above
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
 from shared.exit_codes import ExitCode  # noqa: E402 - after the environment above
@@ -66,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(settings.log_level, f"trainer[rank{rank}]")
     stop = stop_on_signals(log, "finishing this step, checkpointing, stopping")
+    if rank == 0:  # the rank that writes the checkpoint
+        try:
+            out_dir_lock = hold_out_dir(settings.out_dir)  # noqa: F841 - held while we live
+        except OutDirInUse as exc:
+            log.error("%s", exc)
+            return ExitCode.CONFIG
     try:
         trainer = Trainer.start(settings, stop)
     except (ContractMismatch, CheckpointError, TrainerConfigError, *REFUSED) as exc:

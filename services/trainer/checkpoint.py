@@ -10,13 +10,15 @@ loading it never unpickles arbitrary objects.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -26,6 +28,7 @@ from shared.contract import check_meta
 from shared.streams import StreamKeys
 
 CHECKPOINT_NAME = "ckpt.pt"
+LOCK_NAME = ".trainer.lock"  # held by the trainer that writes CHECKPOINT_NAME
 # torch.compile and DistributedDataParallel wrap the model and prefix its keys.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -37,6 +40,34 @@ class CheckpointError(Exception):
 
 def checkpoint_path(out_dir: Path) -> Path:
     return out_dir / CHECKPOINT_NAME
+
+
+class OutDirInUse(Exception):
+    """Another live trainer holds the run directory; exit code 2."""
+
+
+def hold_out_dir(out_dir: Path) -> IO[str]:
+    """An exclusive lock on ``out_dir`` for as long as the returned file stays
+    open (this process's life): two trainers writing one checkpoint would
+    overwrite each other's. The kernel drops it when the holder dies, kill -9
+    included, so a restarted trainer takes it again at once."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = (out_dir / LOCK_NAME).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise OutDirInUse(
+            f"out_dir {out_dir} is in use by another trainer ({holder}): give this run its own "
+            "--out_dir, or stop that trainer first"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
