@@ -785,3 +785,21 @@ def test_the_run_directory_lock_is_exclusive_and_released_on_close(tmp_path):
         hold_out_dir(tmp_path)
     first.close()
     hold_out_dir(tmp_path).close()  # free again
+
+
+def test_an_out_dir_that_cannot_be_written_exits_2_naming_it(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    run = subprocess.run(
+        trainer_cmd(
+            1, ["--redis_url=redis://127.0.0.1:1/0", *SMALL, f"--out_dir={blocker / 'run'}"]
+        ),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"out_dir {blocker / 'run'} cannot be written" in run.stderr
+    assert "--out_dir" in run.stderr and "Traceback" not in run.stderr

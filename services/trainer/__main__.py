@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         except OutDirInUse as exc:
             log.error("%s", exc)
             return ExitCode.CONFIG
+        except OSError as exc:  # checkpoints could not be written there either
+            log.error(
+                "out_dir %s cannot be written (%s): choose another --out_dir", settings.out_dir, exc
+            )
+            return ExitCode.CONFIG
     try:
         trainer = Trainer.start(settings, stop)
     except (ContractMismatch, CheckpointError, TrainerConfigError, *REFUSED) as exc:
