@@ -49,8 +49,11 @@ class InMemoryFeed:
         self.i += 1
         return batch
 
-    def ack(self, entry_ids: list[bytes]) -> int:
-        return len(entry_ids)
+    def ack(self, entry_ids: list[bytes]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def time_entry_checks(trainer: Trainer, repeats: int = 500) -> float:
@@ -97,12 +100,15 @@ class TimedFeed:
         finally:
             self.next_s += time.perf_counter() - started
 
-    def ack(self, entry_ids: list[bytes]) -> int:
+    def ack(self, entry_ids: list[bytes]) -> None:
         started = time.perf_counter()
         try:
-            return self.feed.ack(entry_ids)
+            self.feed.ack(entry_ids)
         finally:
             self.ack_s += time.perf_counter() - started
+
+    def flush(self) -> None:
+        self.feed.flush()
 
 
 def profile(trainer: Trainer, feed, steps: int) -> dict[str, float]:

@@ -346,9 +346,11 @@ class ListFeed:
         self.i += 1
         return self.batches[self.i - 1]
 
-    def ack(self, entry_ids: list[bytes]) -> int:
+    def ack(self, entry_ids: list[bytes]) -> None:
         self.acked.extend(entry_ids)
-        return len(entry_ids)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -386,7 +388,7 @@ def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, t
         losses = []
         for _ in range(count):
             set_learning_rate(trainer.optimizer, trainer.progress.iter_num, trainer.s)
-            losses.append(trainer.train_step())
+            losses.append(trainer.train_step().item())
             trainer.progress.iter_num += 1
         return losses
 

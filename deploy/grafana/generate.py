@@ -515,7 +515,7 @@ def training() -> Board:
     b.graph(
         "Loss: training and validation",
         "none",
-        "Cross-entropy over masked positions: of the last step, and over the fixed "
+        "Cross-entropy over masked positions: of the last logged step, and over the fixed "
         "validation set at the last evaluation (every eval_interval steps).",
         Query(trainer.format("maskstream_trainer_loss"), "train {{instance}}"),
         Query(

@@ -5,8 +5,11 @@ reads ahead: first the entries this consumer left pending (a restart), then
 entries idle in gone consumers' pending lists, then new ones; it decodes them
 (bad ones go to the dead-letter stream), copies them into (pinned) host
 tensors and queues them, so decoding and copying overlap the training step.
-The training loop takes micro-batches with :meth:`StreamFeed.next` and acks
-them with :meth:`StreamFeed.ack` when the step that used them is safe.
+The training loop takes micro-batches with :meth:`StreamFeed.next` and hands
+them to :meth:`StreamFeed.ack` when the step that used them is safe; a second
+thread sends the XACKs (several steps' at once when they queue up), so the
+round trip to Redis never holds up the thread that launches the steps.
+:meth:`StreamFeed.flush` waits until everything handed over is acked.
 """
 
 from __future__ import annotations
@@ -97,6 +100,13 @@ class StreamFeed:
         self.acked = 0
         self.double_acks = 0
         self.wait_s = 0.0
+        # The acker: ack() queues, the thread sends. Guarded by _ack_cond.
+        self._ack_cond = threading.Condition()
+        self._ack_backlog: list[list[bytes]] = []
+        self._ack_busy = False  # the thread is sending what it took from the backlog
+        self._ack_closing = False
+        self._ack_error: BaseException | None = None
+        self._acker: threading.Thread | None = None
 
     # ---------------------------------------------------------- the thread
 
@@ -220,11 +230,58 @@ class StreamFeed:
             self._audit[item.entry_id] = (item.producer, item.seq)
         return item
 
-    def ack(self, entry_ids: list[bytes]) -> int:
-        """XACK and XDEL ``entry_ids``; returns how many were acked now. An id
-        acked before (by anyone) counts in ``double_acks``."""
+    def ack(self, entry_ids: list[bytes]) -> None:
+        """Queue ``entry_ids`` for XACK and XDEL, which the acker thread sends
+        without holding up the caller. An id acked before (by anyone) counts in
+        ``double_acks``. Raises what stopped the acker, if anything did."""
+        self._raise_ack_error()
         if not entry_ids:
-            return 0
+            return
+        with self._ack_cond:
+            if self._acker is None:
+                self._acker = threading.Thread(
+                    target=self._ack_loop, name=f"ack-{self.consumer}", daemon=True
+                )
+                self._acker.start()
+            self._ack_backlog.append(list(entry_ids))
+            self._ack_cond.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every id given to :meth:`ack` is acked (or left unacked
+        because the trainer is stopping while Redis is away)."""
+        with self._ack_cond:
+            while (self._ack_backlog or self._ack_busy) and self._ack_error is None:
+                self._ack_cond.wait(timeout=0.5)
+        self._raise_ack_error()
+
+    def _raise_ack_error(self) -> None:
+        """Raise, in the training loop, what stopped the acker (refused
+        credentials, say): the same exception, so the exit code is the same."""
+        if self._ack_error is not None:
+            raise self._ack_error
+
+    def _ack_loop(self) -> None:
+        while True:
+            with self._ack_cond:
+                while not self._ack_backlog and not self._ack_closing:
+                    self._ack_cond.wait()
+                if not self._ack_backlog:
+                    return  # closing, and nothing left to send
+                taken, self._ack_backlog = self._ack_backlog, []
+                self._ack_busy = True
+            error = None
+            try:
+                self._send_acks([entry_id for part in taken for entry_id in part])
+            except BaseException as exc:  # raised to the training loop by ack() and flush()
+                error = exc
+            with self._ack_cond:
+                self._ack_busy = False
+                self._ack_error = error
+                self._ack_cond.notify_all()
+            if error is not None:
+                return
+
+    def _send_acks(self, entry_ids: list[bytes]) -> None:
         acked = ride_out(lambda: self.reader.ack(entry_ids), self.trainer_stop, self.redis)
         if acked is None:
             log.warning(
@@ -233,7 +290,7 @@ class StreamFeed:
                 self.consumer,
                 len(entry_ids),
             )
-            return 0
+            return
         self.acked += acked
         self.double_acks += len(entry_ids) - acked
         metrics.ACKED_ENTRIES.labels(self.rank).inc(acked)
@@ -248,7 +305,6 @@ class StreamFeed:
             os.fsync(self._ack_log.fileno())
         with self._handed_lock:
             self._handed.difference_update(entry_ids)
-        return acked
 
     def record_failure(self, entry_ids: list[bytes]) -> None:
         """The step holding ``entry_ids`` failed: count it (the delivery limit)."""
@@ -259,8 +315,20 @@ class StreamFeed:
         return sum(self.reader.dead_letters.values())
 
     def close(self) -> None:
+        """Send what is queued for acking (given up once the trainer stops while
+        Redis is away), then stop both threads."""
+        with self._ack_cond:
+            self._ack_closing = True
+            self._ack_cond.notify_all()
+        if self._acker is not None:
+            self._acker.join(timeout=30)
         self._stop.set()
         if self._thread.is_alive():  # a feed closed before start() has no thread
             self._thread.join(timeout=5)
+        if self._acker is not None and self._acker.is_alive():
+            # Redis is away and nobody asked the trainer to stop: what is left is
+            # delivered again after a restart, the at-least-once rule.
+            log.warning("%s: closing with acks still waiting for Redis", self.consumer)
+            return  # the acker may yet write the ack log
         if self._ack_log is not None:
             self._ack_log.close()

@@ -70,7 +70,9 @@ STEP_SECONDS = Histogram(
     buckets=SLOW_BUCKETS,
 )
 LOSS = Gauge(
-    "maskstream_trainer_loss", "Training loss of the last step", multiprocess_mode="livemax"
+    "maskstream_trainer_loss",
+    "Training loss of the last logged step (every log_interval)",
+    multiprocess_mode="livemax",
 )
 VAL_LOSS = Gauge(
     "maskstream_trainer_val_loss",

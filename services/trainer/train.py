@@ -577,9 +577,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self) -> float | None:
+    def train_step(self) -> torch.Tensor | None:
         """One optimizer step over gradient_accumulation_steps micro-batches;
-        None if stopped while waiting for data."""
+        its loss (a tensor on the device: reading it waits for the step), or
+        None if stopped while waiting for data. Nothing here waits for the
+        device, so the host can queue the next step while a GPU runs this one."""
         accum = self.s.gradient_accumulation_steps
         used: list[MicroBatch] = []
         total = torch.zeros((), device=self.device)  # summed on the device: no sync per micro-step
@@ -640,7 +642,7 @@ class Trainer:
                 self.feed.ack(ids)  # alone, this step is already complete everywhere
         else:
             self.held.extend(ids)
-        return total.item()
+        return total
 
     def _observe_queue(self, every_s: float = 2.0) -> None:
         """Queue gauges from Redis itself (first rank only, every few seconds):
@@ -681,6 +683,7 @@ class Trainer:
         if self.d.enabled:
             dist.barrier()
         self.feed.ack(self.unacked_prev + self.held)
+        self.feed.flush()
         self.unacked_prev, self.held = [], []
 
     # --------------------------------------------------------- evaluation
@@ -803,7 +806,6 @@ class Trainer:
                 stopped_early = True
                 break
             if self.d.master:
-                metrics.LOSS.set(loss)
                 metrics.LEARNING_RATE.set(lr)
                 metrics.ITERATION.set(p.iter_num + 1)
                 self._observe_queue()
@@ -811,6 +813,10 @@ class Trainer:
             p.tokens += self.tokens_per_step
             steps_since += 1
             if p.iter_num % s.log_interval == 0 and self.d.master:
+                # Read back only here (as nanoGPT does): a read every step would
+                # make the host wait for the device before queueing the next step.
+                loss_value = loss.item()
+                metrics.LOSS.set(loss_value)
                 now = time.perf_counter()
                 elapsed = now - t_last
                 wait = self.feed.wait_s - wait_last
@@ -827,7 +833,7 @@ class Trainer:
                     100.0 * p.iter_num / s.max_iters,
                     p.iter_num,
                     s.max_iters,
-                    loss,
+                    loss_value,
                     lr,
                     1000 * elapsed / steps_since,
                     tok_s,
@@ -839,7 +845,9 @@ class Trainer:
                 if mfu is not None:
                     metrics.MFU.set(mfu)
                 if self.wandb:
-                    self.wandb.log({"loss": loss, "lr": lr, "tokens_per_s": tok_s}, step=p.iter_num)
+                    self.wandb.log(
+                        {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s}, step=p.iter_num
+                    )
                 t_last, wait_last, steps_since = now, self.feed.wait_s, 0
             if p.iter_num % s.eval_interval == 0 or p.iter_num == s.max_iters:
                 val_loss = self._evaluate_and_control(final=p.iter_num == s.max_iters)

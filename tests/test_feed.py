@@ -1,0 +1,125 @@
+"""The trainer's feed against a real redis-server and a real producer: acks
+are sent by their own thread, never in the step's, and what goes wrong there
+reaches the training loop."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+import torch
+from redis.exceptions import NoPermissionError
+
+from services.trainer.train import Dist, Trainer, wait_for_contract
+from shared.settings import TrainerConfig, load_settings
+from shared.streams import StreamKeys, connect
+from tests.helpers import SMALL_RECIPE, wait_until
+
+pytestmark = pytest.mark.slow
+
+KEYS = StreamKeys("maskstream")
+
+
+@pytest.fixture
+def trainer(redis7, shakespeare, start_producer, tmp_path):
+    """A CPU trainer whose feed is started, over 12 entries a stopped producer left."""
+    producer = start_producer(
+        f"--redis_url={redis7.url}",
+        *SMALL_RECIPE,
+        f"--corpus_path={shakespeare}",
+        "--metrics_port=0",
+        "--max_backlog=12",
+    )
+    client = connect(redis7.url, block_s=1.0)
+    wait_until(lambda: client.xlen(KEYS.train) >= 12, 60, "12 training entries")
+    producer.terminate()
+    meta = wait_for_contract(client, KEYS, threading.Event())
+    settings = load_settings(
+        [
+            f"--redis_url={redis7.url}",
+            *SMALL_RECIPE,
+            f"--out_dir={tmp_path / 'run'}",
+            "--trainer_metrics_port=0",
+        ],
+        env={},
+        service=TrainerConfig,
+    )
+    trainer = Trainer(
+        settings,
+        threading.Event(),
+        meta,
+        client=client,
+        dist_info=Dist(),
+        device=torch.device("cpu"),
+    )
+    trainer.feed.start()
+    yield trainer
+    trainer.feed.close()
+
+
+def pending_ids(trainer) -> set[bytes]:
+    rows = trainer.client.xpending_range(
+        KEYS.train, trainer.s.run_name, min="-", max="+", count=100
+    )
+    return {row["message_id"] for row in rows}
+
+
+def test_an_ack_returns_while_redis_is_frozen_and_is_sent_once_it_thaws(trainer, redis7):
+    feed, client = trainer.feed, trainer.client
+    first = [feed.next().entry_id for _ in range(2)]
+    second = [feed.next().entry_id for _ in range(2)]
+    assert set(first + second) <= pending_ids(trainer)
+
+    redis7.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Two steps' acks while Redis answers nothing: the caller (the thread that
+        # launches the steps) goes on at once, whatever the socket timeout is.
+        caller = threading.Thread(target=lambda: (feed.ack(first), feed.ack(second)))
+        caller.start()
+        caller.join(timeout=5)
+        returned = not caller.is_alive()
+        assert feed.acked == 0  # nothing could have been sent
+    finally:
+        redis7.proc.send_signal(signal.SIGCONT)
+    assert returned, "ack() waited for the frozen Redis"
+
+    feed.flush()  # returns once both steps' entries are acked
+    assert feed.acked == 4 and feed.double_acks == 0
+    assert not set(first + second) & pending_ids(trainer)
+    for entry_id in first + second:  # and deleted: the stream's length is the backlog
+        assert client.xrange(KEYS.train, entry_id, entry_id) == []
+
+
+def test_an_entry_acked_twice_counts_as_a_double_ack(trainer):
+    feed = trainer.feed
+    ids = [feed.next().entry_id for _ in range(3)]
+    feed.ack(ids)
+    feed.ack(ids[:1])
+    feed.flush()
+    assert (feed.acked, feed.double_acks) == (3, 1)
+
+
+def test_a_refused_ack_is_raised_to_the_training_loop(trainer):
+    """Permissions withdrawn while training: the acker's error is the training
+    loop's, as the same exception (the trainer's exit code depends on it)."""
+    feed, client = trainer.feed, trainer.client
+    ids = [feed.next().entry_id for _ in range(2)]
+    client.execute_command("ACL", "SETUSER", "default", "-xack")
+    feed.ack(ids)
+    with pytest.raises(NoPermissionError):
+        feed.flush()
+    with pytest.raises(NoPermissionError):
+        feed.ack(ids)
+    assert feed.acked == 0
+    client.execute_command("ACL", "SETUSER", "default", "+xack")
+    assert set(ids) <= pending_ids(trainer)  # still pending: delivered again after a restart
+
+
+def test_close_sends_what_is_queued(trainer):
+    feed = trainer.feed
+    ids = [feed.next().entry_id for _ in range(3)]
+    feed.ack(ids)
+    feed.close()
+    assert feed.acked == 3
+    assert not set(ids) & pending_ids(trainer)
