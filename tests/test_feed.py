@@ -123,3 +123,5 @@ def test_close_sends_what_is_queued(trainer):
     feed.close()
     assert feed.acked == 3
     assert not set(ids) & pending_ids(trainer)
+    with pytest.raises(RuntimeError, match="after close"):  # never queued where nobody sends
+        feed.ack(ids)

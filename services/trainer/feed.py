@@ -238,6 +238,8 @@ class StreamFeed:
         if not entry_ids:
             return
         with self._ack_cond:
+            if self._ack_closing:
+                raise RuntimeError(f"{self.consumer}: ack() after close()")
             if self._acker is None:
                 self._acker = threading.Thread(
                     target=self._ack_loop, name=f"ack-{self.consumer}", daemon=True
