@@ -49,7 +49,7 @@ class InMemoryFeed:
         self.i += 1
         return batch
 
-    def ack(self, entry_ids: list[bytes]) -> None:
+    def ack(self, entry_ids: list[bytes], after=None) -> None:
         pass
 
     def flush(self) -> None:
@@ -100,10 +100,10 @@ class TimedFeed:
         finally:
             self.next_s += time.perf_counter() - started
 
-    def ack(self, entry_ids: list[bytes]) -> None:
+    def ack(self, entry_ids: list[bytes], after=None) -> None:
         started = time.perf_counter()
         try:
-            self.feed.ack(entry_ids)
+            self.feed.ack(entry_ids, after)
         finally:
             self.ack_s += time.perf_counter() - started
 

@@ -125,3 +125,27 @@ def test_close_sends_what_is_queued(trainer):
     assert not set(ids) & pending_ids(trainer)
     with pytest.raises(RuntimeError, match="after close"):  # never queued where nobody sends
         feed.ack(ids)
+
+
+class DeviceStep:
+    """Stands in for the CUDA event of a step the device is still running
+    (this machine has no GPU): ``synchronize`` returns once the step is done."""
+
+    def __init__(self) -> None:
+        self.done, self.waited = threading.Event(), threading.Event()
+
+    def synchronize(self) -> None:
+        self.waited.set()
+        assert self.done.wait(timeout=60), "the step never finished"
+
+
+def test_an_ack_waits_for_its_step_to_finish_on_the_device(trainer):
+    feed = trainer.feed
+    ids = [feed.next().entry_id for _ in range(2)]
+    step = DeviceStep()
+    feed.ack(ids, after=step)  # returns at once: the step's thread queues the next step
+    assert step.waited.wait(timeout=30)  # the acker is waiting for the device
+    assert feed.acked == 0 and set(ids) <= pending_ids(trainer)
+    step.done.set()
+    feed.flush()
+    assert feed.acked == 2 and not set(ids) & pending_ids(trainer)

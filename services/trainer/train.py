@@ -639,10 +639,21 @@ class Trainer:
             if self.d.enabled:
                 self.unacked_prev = ids
             else:
-                self.feed.ack(ids)  # alone, this step is already complete everywhere
+                # Alone, the step is everyone's: ack once the device has run it
+                # (the acker waits for that, this thread queues the next step).
+                self.feed.ack(ids, after=self._step_done())
         else:
             self.held.extend(ids)
         return total
+
+    def _step_done(self) -> torch.cuda.Event | None:
+        """An event the device passes once the step just queued has run (None
+        where steps run synchronously: the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def _observe_queue(self, every_s: float = 2.0) -> None:
         """Queue gauges from Redis itself (first rank only, every few seconds):
