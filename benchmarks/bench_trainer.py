@@ -49,7 +49,7 @@ class InMemoryFeed:
         self.i += 1
         return batch
 
-    def ack(self, entry_ids: list[bytes], after=None) -> None:
+    def ack(self, entry_ids: list[bytes]) -> None:
         pass
 
     def flush(self) -> None:
@@ -76,8 +76,7 @@ def measure(trainer: Trainer, feed, steps: int) -> tuple[float, float]:
     for _ in range(steps):
         if trainer.train_step() is None:
             sys.exit("bench-trainer: the trainer stopped: a producer exited (see above)")
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
+    trainer._barrier_and_ack()  # this round's last acks sent, on the GPU its last step run
     elapsed = time.perf_counter() - started
     return steps * trainer.tokens_per_step / elapsed, (feed.wait_s - wait0) / elapsed
 
@@ -100,10 +99,10 @@ class TimedFeed:
         finally:
             self.next_s += time.perf_counter() - started
 
-    def ack(self, entry_ids: list[bytes], after=None) -> None:
+    def ack(self, entry_ids: list[bytes]) -> None:
         started = time.perf_counter()
         try:
-            self.feed.ack(entry_ids, after)
+            self.feed.ack(entry_ids)
         finally:
             self.ack_s += time.perf_counter() - started
 

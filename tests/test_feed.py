@@ -128,24 +128,40 @@ def test_close_sends_what_is_queued(trainer):
 
 
 class DeviceStep:
-    """Stands in for the CUDA event of a step the device is still running
-    (this machine has no GPU): ``synchronize`` returns once the step is done."""
+    """Stands in for the CUDA event recorded after a step (no GPU here):
+    ``synchronize`` notes that the host waited for the device to run it."""
 
-    def __init__(self) -> None:
-        self.done, self.waited = threading.Event(), threading.Event()
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
 
     def synchronize(self) -> None:
-        self.waited.set()
-        assert self.done.wait(timeout=60), "the step never finished"
+        self.log.append(("waited", self.name))
 
 
-def test_an_ack_waits_for_its_step_to_finish_on_the_device(trainer):
-    feed = trainer.feed
-    ids = [feed.next().entry_id for _ in range(2)]
-    step = DeviceStep()
-    feed.ack(ids, after=step)  # returns at once: the step's thread queues the next step
-    assert step.waited.wait(timeout=30)  # the acker is waiting for the device
-    assert feed.acked == 0 and set(ids) <= pending_ids(trainer)
-    step.done.set()
-    feed.flush()
-    assert feed.acked == 2 and not set(ids) & pending_ids(trainer)
+class RecordingFeed:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def ack(self, entry_ids: list[bytes]) -> None:
+        self.log.append(("ack", entry_ids))
+
+    def flush(self) -> None:
+        self.log.append(("flush",))
+
+    def close(self) -> None:
+        pass
+
+
+def test_alone_on_a_gpu_a_step_is_acked_once_the_device_has_run_it(trainer):
+    """The single-GPU rule: step N's entries are acked after the host waited
+    for step N's end, which it does once step N+1 is queued."""
+    trainer.feed.close()
+    log: list = []
+    trainer.feed = RecordingFeed(log)
+    trainer._ack_after_previous_step([b"1-0"], DeviceStep("step 1", log))
+    assert log == []  # step 1 is queued, perhaps not run: nothing acked, no wait
+    trainer._ack_after_previous_step([b"2-0"], DeviceStep("step 2", log))
+    assert log == [("waited", "step 1"), ("ack", [b"1-0"])]
+    trainer._ack_after_previous_step([b"3-0"], DeviceStep("step 3", log))
+    assert log[2:] == [("waited", "step 2"), ("ack", [b"2-0"])]
+    assert trainer.unacked_prev == [b"3-0"]  # the last step's: acked at the checkpoint

@@ -346,7 +346,7 @@ class ListFeed:
         self.i += 1
         return self.batches[self.i - 1]
 
-    def ack(self, entry_ids: list[bytes], after=None) -> None:
+    def ack(self, entry_ids: list[bytes]) -> None:
         self.acked.extend(entry_ids)
 
     def flush(self) -> None:

@@ -7,8 +7,8 @@ entries idle in gone consumers' pending lists, then new ones; it decodes them
 tensors and queues them, so decoding and copying overlap the training step.
 The training loop takes micro-batches with :meth:`StreamFeed.next` and hands
 them to :meth:`StreamFeed.ack` when the step that used them is safe; a second
-thread sends the XACKs (several steps' at once when they queue up), so the
-round trip to Redis never holds up the thread that launches the steps.
+thread sends the XACKs (several steps' at once when they queue up), so acks
+never hold up the thread that launches the steps.
 :meth:`StreamFeed.flush` waits until everything handed over is acked.
 """
 
@@ -102,7 +102,7 @@ class StreamFeed:
         self.wait_s = 0.0
         # The acker: ack() queues, the thread sends. Guarded by _ack_cond.
         self._ack_cond = threading.Condition()
-        self._ack_backlog: list[tuple[list[bytes], torch.cuda.Event | None]] = []
+        self._ack_backlog: list[list[bytes]] = []
         self._ack_busy = False  # the thread is sending what it took from the backlog
         self._ack_closing = False
         self._ack_error: BaseException | None = None
@@ -230,11 +230,9 @@ class StreamFeed:
             self._audit[item.entry_id] = (item.producer, item.seq)
         return item
 
-    def ack(self, entry_ids: list[bytes], after: torch.cuda.Event | None = None) -> None:
+    def ack(self, entry_ids: list[bytes]) -> None:
         """Queue ``entry_ids`` for XACK and XDEL, which the acker thread sends
-        without holding up the caller, once the device has passed ``after`` (the
-        event recorded at the end of the step that used them, when the caller
-        did not wait for the step). An id acked before (by anyone) counts in
+        without holding up the caller. An id acked before (by anyone) counts in
         ``double_acks``. Raises what stopped the acker, if anything did."""
         self._raise_ack_error()
         if not entry_ids:
@@ -247,7 +245,7 @@ class StreamFeed:
                     target=self._ack_loop, name=f"ack-{self.consumer}", daemon=True
                 )
                 self._acker.start()
-            self._ack_backlog.append((list(entry_ids), after))
+            self._ack_backlog.append(list(entry_ids))
             self._ack_cond.notify_all()
 
     def flush(self) -> None:
@@ -275,12 +273,7 @@ class StreamFeed:
                 self._ack_busy = True
             error = None
             try:
-                # Events complete in the order they were recorded: the last one
-                # says every step of this batch has finished on the device.
-                last = next((after for _, after in reversed(taken) if after is not None), None)
-                if last is not None:
-                    last.synchronize()
-                self._send_acks([entry_id for ids, _ in taken for entry_id in ids])
+                self._send_acks([entry_id for ids in taken for entry_id in ids])
             except BaseException as exc:  # raised to the training loop by ack() and flush()
                 error = exc
             with self._ack_cond:
@@ -291,7 +284,14 @@ class StreamFeed:
                 return
 
     def _send_acks(self, entry_ids: list[bytes]) -> None:
-        acked = ride_out(lambda: self.reader.ack(entry_ids), self.trainer_stop, self.redis)
+        # Stopping while Redis is known to be away: do not try (a frozen Redis
+        # takes a socket timeout per try) and let the trainer stop in its grace period.
+        gone = self.trainer_stop.is_set() and not self.redis.up
+        acked = (
+            None
+            if gone
+            else ride_out(lambda: self.reader.ack(entry_ids), self.trainer_stop, self.redis)
+        )
         if acked is None:
             log.warning(
                 "%s: stopping while Redis is away: %d entries stay unacked and will be "

@@ -347,7 +347,10 @@ class Trainer:
         self.max_backlog = settings.max_backlog  # start() puts the producers' published bound
         self._fail_on = _fail_on()
         self._queue_observed = 0.0
-        self.unacked_prev: list[bytes] = []  # step N-1, acked after step N's all-reduce
+        # Step N-1's entries: acked after step N's all-reduce (several ranks), or
+        # once the device has run step N-1 (one GPU: _previous_step, its end).
+        self.unacked_prev: list[bytes] = []
+        self._previous_step: torch.cuda.Event | None = None
         self.held: list[bytes] = []  # ack_policy=checkpoint: everything since the last one
         self.wandb = self._init_wandb()
         if self.d.master:
@@ -580,8 +583,10 @@ class Trainer:
     def train_step(self) -> torch.Tensor | None:
         """One optimizer step over gradient_accumulation_steps micro-batches;
         its loss (a tensor on the device: reading it waits for the step), or
-        None if stopped while waiting for data. Nothing here waits for the
-        device, so the host can queue the next step while a GPU runs this one."""
+        None if stopped while waiting for data. Alone on a GPU, it returns once
+        the device has run the previous step: the host queues step N+1 while the
+        device runs step N. (With several ranks the all-reduce that starts each
+        step waits for the last one: the ack rule in the module's docstring.)"""
         accum = self.s.gradient_accumulation_steps
         used: list[MicroBatch] = []
         total = torch.zeros((), device=self.device)  # summed on the device: no sync per micro-step
@@ -638,22 +643,25 @@ class Trainer:
         if self.s.ack_policy == "step":
             if self.d.enabled:
                 self.unacked_prev = ids
+            elif self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+                self._ack_after_previous_step(ids, done)
             else:
-                # Alone, the step is everyone's: ack once the device has run it
-                # (the acker waits for that, this thread queues the next step).
-                self.feed.ack(ids, after=self._step_done())
+                self.feed.ack(ids)  # alone on the CPU, the step has run everywhere
         else:
             self.held.extend(ids)
         return total
 
-    def _step_done(self) -> torch.cuda.Event | None:
-        """An event the device passes once the step just queued has run (None
-        where steps run synchronously: the CPU)."""
-        if self.device.type != "cuda":
-            return None
-        done = torch.cuda.Event()
-        done.record()
-        return done
+    def _ack_after_previous_step(self, ids: list[bytes], done: torch.cuda.Event) -> None:
+        """Alone on a GPU, with this step queued (``done``: recorded after it):
+        wait until the device has run the previous one, then ack its entries.
+        The host runs one step ahead of the device, no more, and an entry is
+        acked once its step has run."""
+        if self._previous_step is not None:
+            self._previous_step.synchronize()
+            self.feed.ack(self.unacked_prev)
+        self._previous_step, self.unacked_prev = done, ids
 
     def _observe_queue(self, every_s: float = 2.0) -> None:
         """Queue gauges from Redis itself (first rank only, every few seconds):
@@ -693,6 +701,9 @@ class Trainer:
         """Every rank is past its last step: ack what is still outstanding."""
         if self.d.enabled:
             dist.barrier()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the last step has run
+            self._previous_step = None
         self.feed.ack(self.unacked_prev + self.held)
         self.feed.flush()
         self.unacked_prev, self.held = [], []
