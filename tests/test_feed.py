@@ -4,6 +4,7 @@ reaches the training loop."""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 
@@ -165,3 +166,24 @@ def test_alone_on_a_gpu_a_step_is_acked_once_the_device_has_run_it(trainer):
     trainer._ack_after_previous_step([b"3-0"], DeviceStep("step 3", log))
     assert log[2:] == [("waited", "step 2"), ("ack", [b"2-0"])]
     assert trainer.unacked_prev == [b"3-0"]  # the last step's: acked at the checkpoint
+
+
+def test_steps_go_on_from_the_read_ahead_while_redis_is_frozen(trainer, redis7):
+    """What the trainer already holds, it trains on with Redis frozen: neither
+    the acks nor anything else in the step waits for Redis."""
+    wait_until(lambda: trainer.feed._queue.qsize() >= 3, 30, "3 entries read ahead")
+    losses: list[float] = []
+    redis7.proc.send_signal(signal.SIGSTOP)
+    try:
+        steps = threading.Thread(
+            target=lambda: losses.extend(trainer.train_step().item() for _ in range(3))
+        )
+        steps.start()
+        steps.join(timeout=30)  # a step here takes well under a second
+        finished = not steps.is_alive()
+    finally:
+        redis7.proc.send_signal(signal.SIGCONT)
+    assert finished, "a step waited for the frozen Redis"
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    trainer.feed.flush()
+    assert trainer.feed.acked == 3

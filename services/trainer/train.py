@@ -346,7 +346,7 @@ class Trainer:
         self.rank_label = str(self.d.rank)
         self.max_backlog = settings.max_backlog  # start() puts the producers' published bound
         self._fail_on = _fail_on()
-        self._queue_observed = 0.0
+        self._gauges_stop = threading.Event()
         # Step N-1's entries: acked after step N's all-reduce (several ranks), or
         # once the device has run step N-1 (one GPU: _previous_step, its end).
         self.unacked_prev: list[bytes] = []
@@ -664,18 +664,26 @@ class Trainer:
         self._previous_step, self.unacked_prev = done, ids
 
     def _observe_queue(self, every_s: float = 2.0) -> None:
-        """Queue gauges from Redis itself (first rank only, every few seconds):
-        right whatever the number of producers, zero included."""
-        now = time.monotonic()
-        if now - self._queue_observed < every_s:
-            return
-        self._queue_observed = now
-        try:
-            length = self.client.xlen(self.keys.train)
-            pending = pending_count(self.client, self.keys.train, self.s.run_name)
-        except PASSING as exc:  # only gauges: try again next time
-            self.redis.failed(exc)
-            return
+        """Queue gauges from Redis itself (first rank only, every few seconds, in
+        a thread of their own: a frozen Redis must not hold up the steps): right
+        whatever the number of producers, zero included."""
+        failing = False
+        while not self._gauges_stop.wait(every_s):
+            try:
+                length = self.client.xlen(self.keys.train)
+                pending = pending_count(self.client, self.keys.train, self.s.run_name)
+            except PASSING as exc:  # only gauges: try again next time
+                self.redis.failed(exc)
+                continue
+            except Exception as exc:  # a refusal, say: the feed stops the trainer for it
+                if not failing:
+                    log.warning("queue gauges: %s: %s", type(exc).__name__, exc)
+                failing = True
+                continue
+            failing = False
+            self._set_queue_gauges(length, pending)
+
+    def _set_queue_gauges(self, length: int, pending: int) -> None:
         metrics.STREAM_LENGTH.labels(self.keys.train).set(length)
         metrics.GROUP_PENDING.labels(self.keys.train, self.s.run_name).set(pending)
         metrics.GROUP_LAG.labels(self.keys.train, self.s.run_name).set(max(0, length - pending))
@@ -817,6 +825,8 @@ class Trainer:
             metrics.ACTIVE_STAGE.set(-1 if self.all_stages else self.stage.active)
         if not self.all_stages and self.d.master:
             self._publish_stage()
+        if self.d.master:
+            threading.Thread(target=self._observe_queue, name="queue-gauges", daemon=True).start()
         t_last, wait_last, steps_since = time.perf_counter(), self.feed.wait_s, 0
         val_loss = math.nan
         stopped_early = False
@@ -830,7 +840,6 @@ class Trainer:
             if self.d.master:
                 metrics.LEARNING_RATE.set(lr)
                 metrics.ITERATION.set(p.iter_num + 1)
-                self._observe_queue()
             p.iter_num += 1
             p.tokens += self.tokens_per_step
             steps_since += 1
@@ -949,6 +958,7 @@ class Trainer:
         return val_loss
 
     def close(self) -> None:
+        self._gauges_stop.set()
         self.feed.close()
         if self.wandb:
             self.wandb.finish()
