@@ -6,9 +6,11 @@ atomic checkpoints and resume.
 When is an entry acked? With ``ack_policy=step``, once every rank has finished
 the optimizer step that used it. Rather than a barrier per step, the acks of
 step N are sent during step N+1, after the small all-reduce that starts every
-step (``_all_ready``): a rank joins it only after its step N is done (its loss
-read back), so once it returns every rank has finished step N. Do not remove
-that all-reduce without replacing this guarantee. With
+step (``_all_ready``): on each rank it runs after that rank's step N on the
+device (stream order), and reading its result back waits for it, so once it
+returns every rank has finished step N. Do not remove that all-reduce or its
+read-back without replacing this guarantee. Alone on a GPU, a step's entries
+are acked once the device has run it (a CUDA event, one step later). With
 ``ack_policy=checkpoint``, entries are acked only after the next checkpoint is
 on disk, so a crash never loses a batch the saved model has not seen.
 """
@@ -695,7 +697,7 @@ class Trainer:
             return ready
         flag = torch.tensor([float(ready)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return bool(flag.item())  # this read-back is what makes acking step N-1 safe
 
     def _publish_stage(self) -> None:
         """Tell producers the active stage, waiting out a Redis outage."""
