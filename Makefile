@@ -2,22 +2,31 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch for tests and the local demo; see docs/training.md, "On a GPU".
+# The torch that .venv gets when it has none. pip takes the build its index offers for the pin
+# (a CPU build from a CPU index or local wheel; PyPI's Linux wheel is a CUDA build). Given on
+# the command line (`make install TORCH_SPEC=torch`), it replaces the torch of an existing .venv
+# once; see docs/training.md, "On a GPU".
 TORCH_SPEC ?= torch==2.13.0
+TORCH_STAMP := $(VENV)/.torch-spec
+TORCH_CHANGED := $(if $(filter file,$(origin TORCH_SPEC)),,$(shell [ "$$(cat $(TORCH_STAMP) 2>/dev/null)" = "$(TORCH_SPEC)" ] || echo FORCE))
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler bench-quality bench-masking bench-gpu producer trainer sample clean
-.PHONY: up down scale logs train-gpu test-containers test-autoscale test-docker
+FORCE:
+.PHONY: FORCE up down scale logs train-gpu test-containers test-autoscale test-docker
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv with the project, torch (CPU) and the test tools
+install: $(VENV)/.installed ## create .venv with the project, torch (TORCH_SPEC=torch==2.13.0) and the test tools
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(TORCH_CHANGED)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	@if [ -n "$(TORCH_CHANGED)" ]; then $(PY) -m pip uninstall --quiet --yes torch || true; fi
+	@$(PY) -c "import torch" 2>/dev/null || { \
+	    echo "$(PY) -m pip install $(TORCH_SPEC)"; \
+	    $(PY) -m pip install --quiet "$(TORCH_SPEC)" && echo "$(TORCH_SPEC)" > $(TORCH_STAMP); }
 	$(PY) -m pip install --quiet -e ".[trainer,autoscaler,embedded,dev]"
 	@touch $@
 

@@ -4,6 +4,7 @@ role is refused what it must never do."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import redis
 
 from shared.redis_server import free_port
+from shared.settings import password_problem
 from shared.streams import PAYLOAD_FIELD, StreamKeys, connect
 from tests.helpers import (
     ACL_SCRIPT,
@@ -77,9 +79,9 @@ def test_the_acl_file_holds_only_hashes_and_refuses_weak_passwords(tmp_path):
     for bad, why in [
         ("change-me", "placeholder"),
         ("short-one", "at least 16"),
-        ("0123456789abcdef\nuser x on nopass +@all ~*", "only letters"),
-        ("0123456789abcdef #comment", "only letters"),
-        ("0123456789abcdef>other", "only letters"),
+        ("0123456789abcdef\nuser x on nopass +@all ~*", "printable ASCII"),
+        ("0123456789abcdef #comment", "printable ASCII"),
+        ("0123456789abcdef>other", "printable ASCII"),
     ]:
         (tmp_path / "s" / "redis-trainer").write_text(bad)
         result = subprocess.run(
@@ -91,6 +93,34 @@ def test_the_acl_file_holds_only_hashes_and_refuses_weak_passwords(tmp_path):
     (tmp_path / "s" / "redis-admin").unlink()
     result = subprocess.run(["sh", str(ACL_SCRIPT), str(tmp_path / "s")], capture_output=True)
     assert result.returncode == 2 and b"redis-admin is missing" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "0123456789abcdef!@$%^&*()",
+        "a{b}[c]|~-=+.,;:?/0123456789",
+        "0123456789abcdef\tx",
+        "0123456789abcdef'x",
+        '0123456789abcdef"x',
+        "0123456789abcdef`x",
+        "0123456789abcdef\\x",
+        "0123456789abcdefé",
+        "0123456789abcdef\x01",
+    ],
+)
+def test_acl_sh_takes_exactly_the_passwords_the_services_take(tmp_path, password):
+    """A password a service accepts must load in Redis too, and one it refuses must not."""
+    write_role_secrets(tmp_path / "s")
+    (tmp_path / "s" / "redis-trainer").write_bytes(password.encode())
+    result = subprocess.run(
+        ["sh", str(ACL_SCRIPT), str(tmp_path / "s")], capture_output=True, text=True
+    )
+    services_take = password_problem(password, "trainer") is None
+    assert (result.returncode == 0) == services_take, (password, result.stderr)
+    if services_take:
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        assert f"user trainer on #{digest} " in result.stdout
 
 
 def test_the_default_user_is_off(acl):

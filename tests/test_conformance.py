@@ -111,7 +111,18 @@ def test_every_reason_a_message_decides_has_vectors():
     # Both kinds of valid vectors, and every stage type among the canonical ones.
     canonical = [v for v in INDEX["valid"] if v["canonical"]]
     assert canonical and len(canonical) < len(INDEX["valid"])
-    assert {v["stage_type"] for v in canonical} == {"random", "sticky", "span", "bernoulli"}
+    assert {v["stage_type"] for v in canonical} == {
+        "random",
+        "sticky",
+        "span",
+        "bernoulli",
+        "uniform",
+    }
+    # The mask ratio, in every valid vector (the schema has it), and refused out of [0, 1].
+    assert all("mask_ratio" in v["tensors"] for v in INDEX["valid"])
+    assert {"out_of_range-mask-ratio-above-1", "out_of_range-mask-ratio-nan"} <= {
+        v["name"] for v in INDEX["invalid"]
+    }
 
 
 def test_the_reader_dead_letters_every_invalid_vector_with_its_reason(redis7):

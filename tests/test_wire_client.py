@@ -80,7 +80,11 @@ STAGE_PARAMETERS = {
     "sticky": {"target_masked_ratio": float, "p1_probability": float, "p2_probability": float},
     "span": {"spans_count": int},
     "bernoulli": {"masked_ratio": float},
+    "uniform": {"min_ratio": float},
 }
+# Listed only when they differ from 0.1 (the BERT-style corruption of every type but span and
+# uniform).
+CORRUPTION_PARAMETERS = {"random_token_probability": float, "keep_probability": float}
 
 
 class Refused(Exception):
@@ -141,17 +145,23 @@ def check_contract(meta: dict) -> None:
         np.dtype(d) for d in ("uint8", "uint16", "uint32") if len(itos) <= np.iinfo(d).max
     )
     shape = [meta["batch_size"], meta["block_size"]]
-    assert meta["schema"] == {
+    schema = {
         "input": {"dtype": token_dtype.name, "shape": shape},
         "labels": {"dtype": token_dtype.name, "shape": shape},
     }
+    stages = meta["stages"]["train"] + meta["stages"]["val"]
+    if any(stage["type"] == "uniform" for stage in stages):
+        schema["mask_ratio"] = {"dtype": "float32", "shape": [meta["batch_size"]]}
+    assert meta["schema"] == schema
     assert meta["label_ignore_value"] == np.iinfo(token_dtype).max
     assert meta["batch_size"] >= 1 and meta["block_size"] >= 2 and meta["val_batches"] >= 1
     assert 0 < meta["train_val_split"] < 1
 
     assert set(meta["stages"]) == {"train", "val"}
     for stage in meta["stages"]["train"] + meta["stages"]["val"]:
-        parameters = STAGE_PARAMETERS[stage["type"]]
+        parameters = dict(STAGE_PARAMETERS[stage["type"]])
+        if stage["type"] not in ("span", "uniform"):
+            parameters.update({k: v for k, v in CORRUPTION_PARAMETERS.items() if k in stage})
         assert set(stage) == {"type", "val_loss_stale_count", *parameters}, stage
         stale = stage["val_loss_stale_count"]
         assert stale is None or (is_int(stale) and stale >= 1), stage
@@ -285,6 +295,10 @@ def check_entry(fields: dict[bytes, bytes], meta: dict, stream: str) -> dict:
         raise Refused("wrong_split", message["split"])
     if message["stage"] >= len(meta["stages"][stream]):
         raise Refused("bad_stage", str(message["stage"]))
+    if "mask_ratio" in tensors:
+        ratio = tensors["mask_ratio"][0]
+        if not ((ratio >= 0) & (ratio <= 1)).all():  # NaN fails both
+            raise Refused("out_of_range", "mask_ratio")
     inputs, labels = tensors["input"][0], tensors["labels"][0]
     if (inputs >= meta["vocab_size"]).any():
         raise Refused("bad_tokens", str(inputs.max()))
@@ -376,6 +390,7 @@ def test_conformance_valid_vector(vector):
     assert stage["type"] == vector["stage_type"]
     if stage["type"] == "sticky":
         assert selected == [sticky_count(meta, stage)] * len(rows)
+    check_mask_ratio(message, meta)
     assert is_canonical(fields[b"d"], meta) == vector["canonical"]
 
 
@@ -407,6 +422,28 @@ def five_sigma(observed: float, expected: float, variance: float, what: str) -> 
     assert abs(observed - expected) <= tolerance, f"{what}: {observed:.4f}, expected {expected:.4f}"
 
 
+def check_mask_ratio(message: dict, meta: dict) -> None:
+    """Each row's ``mask_ratio``: its drawn t for a uniform stage (in [min_ratio, 1),
+    stratified over the batch, every selected position [MASK]), else its selected share."""
+    if "mask_ratio" not in meta["schema"]:
+        assert "mask_ratio" not in message["tensors"]
+        return
+    ratio = message["tensors"]["mask_ratio"][0]
+    inputs, labels = message["tensors"]["input"][0], message["tensors"]["labels"][0]
+    selected = labels != meta["label_ignore_value"]
+    stage = meta["stages"][message["split"]][message["stage"]]
+    if stage["type"] != "uniform":
+        assert ratio.tolist() == selected.mean(axis=1, dtype=np.float32).tolist()
+        return
+    epsilon, rows = stage["min_ratio"], len(ratio)
+    assert ((ratio >= np.float32(epsilon)) & (ratio < 1)).all(), ratio
+    strata = np.sort((ratio.astype(np.float64) - epsilon) / (1 - epsilon))
+    # a_i = (i + v_i) / B lies in stratum i; float32 rounding may reach a stratum's edge.
+    assert (np.floor(strata * rows + 1e-4) >= np.arange(rows)).all(), strata
+    assert (np.floor(strata * rows - 1e-4) <= np.arange(rows)).all(), strata
+    assert (inputs[selected] == meta["mask_token_id"]).all()
+
+
 def check_rates(rates: StageRates, n_real: int) -> None:
     """Selection and corruption of one stage against "Selection, per stage type"."""
     stage, length, rows = rates.stage, rates.length, len(rates.shares)
@@ -428,8 +465,14 @@ def check_rates(rates: StageRates, n_real: int) -> None:
         k = min(length, math.ceil(stage["target_masked_ratio"] * length - 1e-9))
         off = [count for count in rates.counts if count != k]
         assert not off, (stage, k, off)  # exactly k per row
+    elif kind == "uniform":
+        # t uniform on [e, 1), then Binomial(T, t): the share's variance adds E[t(1 - t)]/T.
+        e = stage["min_ratio"]
+        t_mean, t_var = (1 + e) / 2, (1 - e) ** 2 / 12
+        variance = t_var + (t_mean - t_var - t_mean**2) / length
+        five_sigma(mean, t_mean, variance / rows, f"{stage}: selected share")
 
-    if kind == "span":
+    if kind in ("span", "uniform"):
         assert rates.masked == rates.selected, f"{stage}: a span position is not [MASK]"
     elif rates.selected:
         n = rates.selected
@@ -523,6 +566,7 @@ def produce_and_decode(
     for message in train + val:
         assert started - 1 <= message["t"] <= finished + 1, message["t"]
         check_char_diffusion(message, meta, corpus)
+        check_mask_ratio(message, meta)
     check_sequences(train)
     check_sequences(val)
     for rates in collect_rates(train + val, meta).values():
@@ -620,6 +664,7 @@ def test_selection_and_corruption_rates_of_every_stage_type(redis7, tmp_path, st
         },
         {"type": "span", "spans_count": 4},
         {"type": "bernoulli", "masked_ratio": 0.15},
+        {"type": "uniform", "min_ratio": 0.2},
     ]
     args = [
         f"--redis_url={redis7.url}",
@@ -629,10 +674,10 @@ def test_selection_and_corruption_rates_of_every_stage_type(redis7, tmp_path, st
         f"--unmasking_stages={json.dumps(stages)}",
     ]
     meta, train, _ = produce_and_decode(
-        redis7.client(), start_producer, args, corpus, "wiretest4", backlog=64
+        redis7.client(), start_producer, args, corpus, "wiretest4", backlog=80
     )
     rows = collect_rates(train, meta)
     assert sorted(rates.stage["type"] for rates in rows.values()) == sorted(
         s["type"] for s in stages
     )
-    assert min(len(rates.counts) for rates in rows.values()) >= 64 * 64 // 4
+    assert min(len(rates.counts) for rates in rows.values()) >= 64 * 80 // 5

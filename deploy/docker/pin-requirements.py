@@ -21,9 +21,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "deploy" / "docker" / "requirements"

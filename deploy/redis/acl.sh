@@ -24,6 +24,8 @@
 #   admin       everything (operators: redis-cli --user admin --askpass).
 # KEYS and SCAN ignore key patterns, so only admin has them.
 set -eu
+LC_ALL=C  # byte ranges in the password check below
+export LC_ALL
 
 dir=${1:?usage: acl.sh SECRETS_DIR [NAMESPACE]}
 ns=${2:-maskstream}
@@ -33,7 +35,8 @@ esac
 
 # The hash of a role's password, after the checks every service makes too
 # (shared/settings.py, RunSettings): long enough, no placeholder, no character that could
-# start a new config or ACL rule (whitespace, #, <, >, quotes, ...).
+# start a new config or ACL rule (whitespace, #, <, >, quotes, ...): the same set as
+# shared/settings.py's password_problem, so a password the services take loads here too.
 hash_of() {
     file=$dir/redis-$1
     if [ ! -r "$file" ]; then
@@ -45,8 +48,8 @@ hash_of() {
         change-me | changeme | password | admin | redis | secret)
             echo "acl.sh: $file holds the placeholder '$password': run deploy/docker/make-env.sh" >&2
             exit 2 ;;
-        *[!A-Za-z0-9._~+=-]*)
-            echo "acl.sh: $file: only letters, digits and . _ ~ + = - allowed" >&2
+        *[!!-~]* | *[\#\<\>\"\'\`\\]*)
+            echo "acl.sh: $file: printable ASCII only, without whitespace or # < > \" ' \` \\" >&2
             exit 2 ;;
     esac
     if [ ${#password} -lt 16 ]; then

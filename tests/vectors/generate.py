@@ -34,7 +34,14 @@ import numpy as np
 from shared.codec import Batch, encode, max_message_size
 from shared.contract import fingerprint, schema_of
 from shared.corpus import CharTokenizer
-from shared.masking import BernoulliStage, RandomStage, SpanStage, StickyStage, mask_windows
+from shared.masking import (
+    BernoulliStage,
+    RandomStage,
+    SpanStage,
+    StickyStage,
+    UniformStage,
+    mask_windows_with_ratio,
+)
 
 HERE = Path(__file__).resolve().parent
 ABOUT = (
@@ -87,6 +94,8 @@ SETTINGS: dict[str, Any] = {
         },
         {"type": "span", "spans_count": 3, "val_loss_stale_count": 10},
         {"type": "bernoulli", "masked_ratio": 0.15},
+        # A uniform stage puts the mask_ratio tensor in the schema: every batch carries it.
+        {"type": "uniform", "min_ratio": 0.05},
     ],
     "validation_stages": [
         {
@@ -110,6 +119,7 @@ _STAGE_MODELS = {
     "sticky": StickyStage,
     "span": SpanStage,
     "bernoulli": BernoulliStage,
+    "uniform": UniformStage,
 }
 
 
@@ -126,10 +136,11 @@ def make_meta() -> dict[str, Any]:
     tok = tokenizer()
     shape = [SETTINGS["batch_size"], SETTINGS["block_size"]]
     spec = {"dtype": tok.dtype.name, "shape": shape}
+    ratio = {"dtype": "float32", "shape": [SETTINGS["batch_size"]]}
     body = {
         "format_version": 1,
         "dataset": SETTINGS["dataset"],
-        "schema": {"input": dict(spec), "labels": dict(spec)},
+        "schema": {"input": dict(spec), "labels": dict(spec), "mask_ratio": ratio},
         "seed": SETTINGS["seed"],
         "val_batches": SETTINGS["val_batches"],
         "use_all_stages_for_training": SETTINGS["use_all_stages_for_training"],
@@ -283,6 +294,7 @@ ROW_STARTS = {
     ("train", 1): ["A tab", "ŰűŲų"],
     ("train", 2): ["and UTF-8", "ƀƁƂ"],
     ("train", 3): ["café", "ǰǱ"],
+    ("train", 4): ["is a possible", "ȀȁȂ"],
     ("val", 0): ["Validation windows", "long enough"],
     ("val", 1): ["this part", "thirty-two"],
 }
@@ -306,7 +318,7 @@ def valid_batches(meta: dict[str, Any]) -> list[Batch]:
         producer = TRAIN_PRODUCER if split == "train" else 0
         seq = stage
         rng = np.random.default_rng([SETTINGS["seed"], SPLIT_CODE[split], producer, seq])
-        inputs, labels = mask_windows(
+        inputs, labels, ratio = mask_windows_with_ratio(
             rng,
             windows,
             stage_model(meta["stages"][split][stage]),
@@ -315,7 +327,7 @@ def valid_batches(meta: dict[str, Any]) -> list[Batch]:
             ignore_value=tok.ignore_value,
         )
         created = T0 + len(batches)
-        tensors = {"input": inputs, "labels": labels}
+        tensors = {"input": inputs, "labels": labels, "mask_ratio": ratio}
         batches.append(Batch(meta["fingerprint"], split, stage, producer, seq, tensors, created))
     return batches
 
@@ -398,6 +410,13 @@ def invalid(meta: dict[str, Any], train: Batch, val: Batch) -> list[Vector]:
     def tokens(array: np.ndarray, value: int, at: int = 0) -> bytes:
         changed = array.copy().reshape(-1)
         changed[at] = value
+        return changed.tobytes()
+
+    ratios = train.tensors["mask_ratio"].astype("<f4")
+
+    def floats(array: np.ndarray, value: float) -> bytes:
+        changed = array.copy()
+        changed[0] = value
         return changed.tobytes()
 
     def one(reason: str, name: str, description: str, payload: Any, stream: str = "train"):
@@ -664,6 +683,37 @@ def invalid(meta: dict[str, Any], train: Batch, val: Batch) -> list[Vector]:
             base.replace(
                 "tensors", base.get("tensors").plus("weights", ["float32", [B], bytes(4 * B)])
             ),
+        ),
+        one(
+            "schema_mismatch",
+            "missing-mask-ratio",
+            "no mask_ratio tensor (the schema has one: a uniform stage is configured)",
+            base.replace("tensors", base.get("tensors").without("mask_ratio")),
+        ),
+        one(
+            "schema_mismatch",
+            "mask-ratio-float64",
+            f"mask_ratio is float64 [{B}] with matching data; the schema says float32",
+            with_tensor(base, "mask_ratio", ["float64", [B], ratios.astype("<f8").tobytes()]),
+        ),
+        # ---- the mask ratio
+        one(
+            "out_of_range",
+            "mask-ratio-above-1",
+            "mask_ratio[0] is 1.5",
+            with_tensor(base, "mask_ratio", ["float32", [B], floats(ratios, 1.5)]),
+        ),
+        one(
+            "out_of_range",
+            "mask-ratio-negative",
+            "mask_ratio[0] is -0.25",
+            with_tensor(base, "mask_ratio", ["float32", [B], floats(ratios, -0.25)]),
+        ),
+        one(
+            "out_of_range",
+            "mask-ratio-nan",
+            "mask_ratio[0] is NaN",
+            with_tensor(base, "mask_ratio", ["float32", [B], floats(ratios, math.nan)]),
         ),
         # ---- token ids
         one(
