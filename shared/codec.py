@@ -192,7 +192,9 @@ def decode(
         raise CodecError("malformed", "trailing bytes after the message") from None
     except (ValueError, TypeError, RecursionError, MemoryError) as exc:
         # msgpack's OutOfData, FormatError, StackError, and limit errors.
-        raise CodecError("malformed", f"not a msgpack message: {type(exc).__name__}") from None
+        # The library's own words name the limit or defect (first 160 characters).
+        why = f"{type(exc).__name__}: {str(exc)[:160]}" if str(exc) else type(exc).__name__
+        raise CodecError("malformed", f"not a msgpack message: {why}") from None
     if not isinstance(message, dict):
         raise CodecError("wrong_type", "a message must be a map")
     # The version first, whatever else the map holds: a later format may add or
@@ -224,9 +226,14 @@ def decode(
     if not math.isfinite(created):
         raise CodecError("out_of_range", f"produce time t={created} is not finite")
     raw_tensors = _field(message, "tensors", dict)
-    tensors = {name: _tensor(name, value) for name, value in raw_tensors.items()}
+    # Every tensor's structure first (check 8), then the schema (check 9), then the arrays:
+    # a shape such as [0, 2**63 - 1] is valid with empty data, but no numpy array has it.
+    parts = {name: _tensor(name, value) for name, value in raw_tensors.items()}
     if schema is not None:
-        _check_schema(tensors, schema)
+        _check_schema(
+            {name: TensorSpec(d.name, shape) for name, (d, shape, _) in parts.items()}, schema
+        )
+    tensors = {name: _array(name, *part) for name, part in parts.items()}
     return Batch(fp, split, stage, producer, seq, tensors, created)
 
 
@@ -241,7 +248,8 @@ def _field(message: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
-def _tensor(name: str, value: Any) -> np.ndarray:
+def _tensor(name: str, value: Any) -> tuple[np.dtype, tuple[int, ...], bytes]:
+    """A tensor's dtype, shape and data, each checked, and the shape against the data."""
     if not (isinstance(value, list) and len(value) == 3):
         raise CodecError("wrong_type", f"tensor {name[:MAX_NAME]!r} must be [dtype, shape, bytes]")
     dtype_name, shape, raw = value
@@ -266,16 +274,25 @@ def _tensor(name: str, value: Any) -> np.ndarray:
             f"tensor {name[:MAX_NAME]!r}: shape {shape} of {dtype_name} needs {expected} bytes, "
             f"got {len(raw)}",
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)  # read-only: bytes are immutable
+    return dtype, tuple(shape), raw
 
 
-def _check_schema(tensors: dict[str, np.ndarray], schema: dict[str, TensorSpec]) -> None:
+def _array(name: str, dtype: np.dtype, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    try:
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)  # read-only: bytes are immutable
+    except ValueError:  # empty data, yet dimensions whose product numpy cannot hold
+        raise CodecError(
+            "bad_shape", f"tensor {name[:MAX_NAME]!r}: numpy cannot hold shape {shape!r:.120}"
+        ) from None
+
+
+def _check_schema(tensors: dict[str, TensorSpec], schema: dict[str, TensorSpec]) -> None:
     if set(tensors) != set(schema):
         raise CodecError(
             "schema_mismatch",
             f"tensors {sorted(tensors)[:8]}, the schema has {sorted(schema)}",
         )
     for name, spec in schema.items():
-        got = TensorSpec(tensors[name].dtype.name, tuple(tensors[name].shape))
+        got = tensors[name]
         if got != spec:
             raise CodecError("schema_mismatch", f"tensor {name!r} is {got}, the schema says {spec}")

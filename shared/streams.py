@@ -45,6 +45,62 @@ PAYLOAD_FIELD = b"d"
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
+class EntryFields(dict):
+    """A stream entry's fields as a dict (the first value of each name), plus ``names``:
+    every field name in the order Redis sent them. Redis keeps a repeated name
+    (``XADD s * d <a> d <b>`` stores both), which a plain dict would fold into one field,
+    hiding the other value from every check."""
+
+    __slots__ = ("names",)
+
+    def __init__(self, flat: list[bytes] | dict[bytes, bytes] | None) -> None:
+        super().__init__()
+        if isinstance(flat, dict):  # a map cannot repeat a name: nothing to keep
+            flat = [item for pair in flat.items() for item in pair]
+        flat = flat or []
+        for name, value in zip(flat[::2], flat[1::2], strict=False):
+            self.setdefault(name, value)
+        self.names: tuple[bytes, ...] = tuple(flat[::2])
+
+
+def _stream_list(response: Any, **_options: Any) -> Any:
+    if response is None:
+        return None
+    return [(r[0], EntryFields(r[1])) if r is not None else (None, None) for r in response]
+
+
+def _parse_xread(response: Any, **options: Any) -> Any:
+    """[[stream, entries], ...] whether the reply came as RESP3's map or RESP2's array."""
+    if not response:
+        return []
+    pairs = response.items() if isinstance(response, dict) else response
+    return [[name, _stream_list(entries)] for name, entries in pairs]
+
+
+def _parse_xclaim(response: Any, **options: Any) -> Any:
+    return response if options.get("parse_justid") else _stream_list(response)
+
+
+def _parse_xautoclaim(response: Any, **options: Any) -> Any:
+    if options.get("parse_justid"):
+        return response[1]
+    response[1] = _stream_list(response[1])
+    return response
+
+
+def keep_repeated_fields(client: redis.Redis) -> redis.Redis:
+    """Make ``client``'s stream reads return each entry's fields as :class:`EntryFields`
+    (in the shapes redis-py's own callbacks give, from a RESP2 or RESP3 reply), so a
+    repeated field name can be refused."""
+    for command in ("XRANGE", "XREVRANGE"):
+        client.set_response_callback(command, _stream_list)
+    for command in ("XREAD", "XREADGROUP"):
+        client.set_response_callback(command, _parse_xread)
+    client.set_response_callback("XCLAIM", _parse_xclaim)
+    client.set_response_callback("XAUTOCLAIM", _parse_xautoclaim)
+    return client
+
+
 @dataclass(frozen=True)
 class StreamKeys:
     """Every Redis key of one namespace."""
@@ -130,7 +186,7 @@ def connect(
     jittered retries for short network blips. ``on_connect`` replaces the
     connection handshake (it must call ``connection.on_connect()``) and runs on
     every new connection, reconnections included."""
-    return redis.Redis.from_url(
+    client = redis.Redis.from_url(
         url,
         redis_connect_func=on_connect,
         password=password,
@@ -142,6 +198,7 @@ def connect(
         retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+    return keep_repeated_fields(client)
 
 
 def client_for(settings: RunSettings, **options: Any) -> redis.Redis:
@@ -500,15 +557,16 @@ def dead_letter(
     SHA-256 and its first 4 KiB. If the record cannot be written (Redis full,
     no permission) the entry is still acked and deleted, and False comes
     back: a bad entry must never block the queue."""
-    payload = fields.get(PAYLOAD_FIELD)
+    payload = fields.get(PAYLOAD_FIELD)  # the first 'd' of an EntryFields
     if payload is None:  # no 'd' field: keep the first one there is
         payload = next(iter(fields.values()), b"")
+    names = getattr(fields, "names", None) or tuple(sorted(fields))
     record: dict[str | bytes, Any] = {
         "reason": reason,
         "detail": detail[:1000],
         "source": source,
         "id": entry_id,
-        "fields": b",".join(sorted(fields))[:200],
+        "fields": b",".join(names)[:200],
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "payload_head": payload[:DEAD_LETTER_HEAD],
@@ -635,8 +693,8 @@ class ProducerLease:
 
 
 def _entries(reply: Any) -> list[Entry]:
-    """Flatten an XREADGROUP reply ([[stream, [(id, fields), ...]], ...]; the
-    clients of :func:`connect` speak RESP2) to a list of entries."""
+    """Flatten an XREADGROUP reply ([[stream, [(id, fields), ...]], ...], the shape
+    redis-py's callbacks and :func:`keep_repeated_fields` give) to a list of entries."""
     out: list[Entry] = []
     for _name, entries in reply or ():
         for entry_id, fields in entries:

@@ -58,10 +58,13 @@ class EntryValidator:
 
     def check(self, fields: dict[bytes, bytes]) -> Batch:
         """The entry's batch, or :class:`CodecError` naming what is wrong."""
-        if len(fields) != 1 or PAYLOAD_FIELD not in fields:
-            names = sorted(repr(k)[:40] for k in fields)[:4]
+        # Every name Redis sent (a repeated one too, see streams.EntryFields).
+        names = getattr(fields, "names", None) or tuple(fields)
+        if names != (PAYLOAD_FIELD,):
+            shown = [repr(k)[:40] for k in names[:4]]
             raise CodecError(
-                "bad_entry_fields", f"an entry has exactly one field 'd', this one has {names}"
+                "bad_entry_fields",
+                f"an entry has exactly one field 'd', this one has {len(names)}: {shown}",
             )
         batch = decode(
             fields[PAYLOAD_FIELD],

@@ -11,7 +11,7 @@ from redis.exceptions import ExecAbortError
 from shared.codec import Batch, TensorSpec, encode
 from shared.contract import ContractMismatch, fingerprint, make_meta, publish_meta
 from shared.faults import FULL
-from shared.reader import BatchReader
+from shared.reader import BatchReader, read_validation
 from shared.streams import (
     PAYLOAD_FIELD,
     Backoff,
@@ -34,9 +34,9 @@ CONTRACT = {"dataset": "test", "schema": {k: v.to_json() for k, v in SCHEMA.item
 FP = fingerprint(CONTRACT)
 
 
-def message(seq: int, fp: str = FP, shape=(2, 8)) -> bytes:
+def message(seq: int, fp: str = FP, shape=(2, 8), split: str = "train") -> bytes:
     tensors = {"input": np.full(shape, seq % 250, np.uint8), "labels": np.zeros(shape, np.uint8)}
-    return encode(Batch(fp, "train", 0, 0, seq, tensors))
+    return encode(Batch(fp, split, 0, 0, seq, tensors))
 
 
 META = {
@@ -201,6 +201,40 @@ def test_reader_dead_letters_what_it_cannot_train_on(redis_server):
     # Dead-lettered entries are acked and gone; only the good one is pending.
     assert pending_count(client, KEYS.train, "g") == 1
     assert client.xlen(KEYS.train) == 1
+
+
+def test_a_field_name_given_twice_is_refused_wherever_the_entry_is_read(redis_server):
+    """Redis keeps both values of ``XADD s * d <a> d <b>``; a dict of fields would keep one,
+    so a valid message could hide garbage (or another message) behind it. The client is a
+    plain redis-py one: the reader must not depend on who built it."""
+    client = redis.Redis(port=redis_server.port)
+    reader = group_reader(client, "rank0")
+    reader.setup()
+    garbage_first = client.execute_command(
+        "XADD", KEYS.train, "*", "d", b"garbage", "d", message(1)
+    )
+    twice = client.execute_command("XADD", KEYS.train, "*", "d", message(2), "d", message(3))
+    good = client.xadd(KEYS.train, {PAYLOAD_FIELD: message(4)})
+    delivered = reader.read(count=10, block_ms=None)
+    assert [entry_id for entry_id, _ in delivered] == [good]
+    dead = client.xrange(KEYS.dead)
+    assert [f[b"id"] for _, f in dead] == [garbage_first, twice]
+    assert {f[b"reason"] for _, f in dead} == {b"bad_entry_fields"}
+    assert all(f[b"fields"] == b"d,d" for _, f in dead)
+    assert b"has 2" in dead[0][1][b"detail"]
+    assert dead[0][1][b"payload_head"] == b"garbage"  # the record shows the first value
+    # The same entry left pending by a consumer that died is refused on reclaim too.
+    ensure_group(client, KEYS.train, "g")
+    late = client.execute_command("XADD", KEYS.train, "*", "d", message(5), "d", message(6))
+    client.xreadgroup("g", "gone", {KEYS.train: ">"}, count=1)
+    assert reader.reclaim(min_idle_ms=0, exclude={good}) == []
+    assert client.xrange(KEYS.dead)[-1][1][b"id"] == late
+    # And in the validation stream, where it is skipped.
+    client.xadd(KEYS.val, {PAYLOAD_FIELD: message(7, split="val")})
+    client.execute_command("XADD", KEYS.val, "*", "d", message(8, split="val"), "d", b"x")
+    skipped = []
+    batches = read_validation(client, KEYS, EntryValidator(META, "val", 4096), skipped.append)
+    assert [b.seq for b in batches] == [7] and skipped == ["bad_entry_fields"]
 
 
 def test_entry_deleted_while_pending_is_cleared_on_reclaim(redis_server):

@@ -215,8 +215,10 @@ def _within_limits(value: object) -> None:
             _within_limits(item)
 
 
-def decode_tensor(name: str, value: object) -> tuple[np.ndarray, bytes]:
-    """``[dtype, shape, data]``: little-endian elements in C order, exact length."""
+def decode_tensor(name: str, value: object) -> tuple[str, list[int], bytes]:
+    """``[dtype, shape, data]`` checked: little-endian elements in C order, exact length.
+    No array yet: a shape with a 0 holds no data whatever its other dimensions, and one such
+    as [0, 2**63 - 1] is valid here but no numpy array can have it; the schema refuses it."""
     if not (isinstance(value, list) and len(value) == 3 and isinstance(value[2], bytes)):
         raise Refused("wrong_type", f"tensor {name} is not [dtype, shape, bin]")
     dtype, shape, data = value
@@ -231,8 +233,12 @@ def decode_tensor(name: str, value: object) -> tuple[np.ndarray, bytes]:
     wire_dtype = np.dtype(dtype).newbyteorder("<")
     if math.prod(shape) * wire_dtype.itemsize != len(data):  # Python ints: no overflow
         raise Refused("bad_shape", f"{name}: {shape} does not fit {len(data)} bytes")
-    array = np.frombuffer(data, dtype=wire_dtype).reshape(shape, order="C")
-    return array.astype(np.dtype(dtype)), data  # native byte order from here on
+    return dtype, shape, data
+
+
+def to_array(dtype: str, shape: list[int], data: bytes) -> np.ndarray:
+    array = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    return array.astype(np.dtype(dtype))  # native byte order from here on
 
 
 def check_entry(fields: dict[bytes, bytes], meta: dict, stream: str) -> dict:
@@ -281,15 +287,16 @@ def check_entry(fields: dict[bytes, bytes], meta: dict, stream: str) -> dict:
     if not math.isfinite(message["t"]):
         raise Refused("out_of_range", "t")
 
-    tensors = {name: decode_tensor(name, value) for name, value in message["tensors"].items()}
+    checked = {name: decode_tensor(name, value) for name, value in message["tensors"].items()}
     for name, spec in meta["schema"].items():
-        if name not in tensors:
+        if name not in checked:
             raise Refused("schema_mismatch", f"no {name}")
-        array = tensors[name][0]
-        if array.dtype.name != spec["dtype"] or list(array.shape) != spec["shape"]:
+        dtype, shape, _ = checked[name]
+        if dtype != spec["dtype"] or shape != spec["shape"]:
             raise Refused("schema_mismatch", name)
-    if set(tensors) != set(meta["schema"]):
-        raise Refused("schema_mismatch", str(sorted(tensors)))
+    if set(checked) != set(meta["schema"]):
+        raise Refused("schema_mismatch", str(sorted(checked)))
+    tensors = {name: (to_array(*part), part[2]) for name, part in checked.items()}
 
     if message["split"] != stream:
         raise Refused("wrong_split", message["split"])

@@ -686,6 +686,13 @@ def invalid(meta: dict[str, Any], train: Batch, val: Batch) -> list[Vector]:
         ),
         one(
             "schema_mismatch",
+            "empty-huge-dims",
+            "input's shape is [0, 2**63 - 1] with empty data: a valid shape (check 8) that "
+            "differs from the schema; no numpy array can have it",
+            with_tensor(base, "input", [dtype, [0, 2**63 - 1], b""]),
+        ),
+        one(
+            "schema_mismatch",
             "missing-mask-ratio",
             "no mask_ratio tensor (the schema has one: a uniform stage is configured)",
             base.replace("tensors", base.get("tensors").without("mask_ratio")),
