@@ -117,6 +117,27 @@ class BatchReader:
                 log.info("%s: took %d entries left pending by %s", self.consumer, len(ids), name)
         return self._usable(self._within_delivery_limit(claimed))
 
+    def reclaim_orphans(self, handed: set[bytes]) -> list[Delivered]:
+        """Entries in this consumer's own pending list that it never received, less
+        ``handed`` (those it did hand to training and has not acked yet).
+
+        A read whose reply is lost on the wire after Redis ran it (a reset connection,
+        which the client's own retry hides) leaves entries delivered to this consumer
+        that nobody holds: no other consumer may take them while it lives, so they would
+        wait for its restart. ``handed`` must be read before this call, so an entry
+        acked meanwhile is either in it or no longer pending."""
+        pending = self.client.xpending_range(
+            self.stream, self.group, "-", "+", 1000, consumername=self.consumer
+        )
+        ids = [row["message_id"] for row in pending if row["message_id"] not in handed]
+        if not ids:
+            return []
+        entries = self.client.xclaim(self.stream, self.group, self.consumer, 0, ids)
+        named = {entry_id for entry_id, _ in entries if entry_id is not None}
+        # Deleted meanwhile (Redis 6.2's XCLAIM leaves them out): nothing to train on.
+        entries += [(entry_id, {}) for entry_id in ids if entry_id not in named]
+        return self._usable(self._within_delivery_limit(entries))
+
     def recover(self) -> bool:
         """After Redis lost the group (a restart without persistence): re-create
         it once producers have restored the contract; False while the contract

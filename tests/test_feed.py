@@ -12,6 +12,7 @@ import pytest
 import torch
 from redis.exceptions import NoPermissionError
 
+from services.trainer import feed as feed_module
 from services.trainer.train import Dist, Trainer, wait_for_contract
 from shared.settings import TrainerConfig, load_settings
 from shared.streams import StreamKeys, connect
@@ -22,18 +23,17 @@ pytestmark = pytest.mark.slow
 KEYS = StreamKeys("maskstream")
 
 
-@pytest.fixture
-def trainer(redis7, shakespeare, start_producer, tmp_path):
-    """A CPU trainer whose feed is started, over 12 entries a stopped producer left."""
+def started_trainer(redis7, shakespeare, start_producer, tmp_path, entries=12, *options):
+    """A CPU trainer whose feed is started, over ``entries`` a stopped producer left."""
     producer = start_producer(
         f"--redis_url={redis7.url}",
         *SMALL_RECIPE,
         f"--corpus_path={shakespeare}",
         "--metrics_port=0",
-        "--max_backlog=12",
+        f"--max_backlog={entries}",
     )
     client = connect(redis7.url, block_s=1.0)
-    wait_until(lambda: client.xlen(KEYS.train) >= 12, 60, "12 training entries")
+    wait_until(lambda: client.xlen(KEYS.train) >= entries, 60, f"{entries} training entries")
     producer.terminate()
     meta = wait_for_contract(client, KEYS, threading.Event())
     settings = load_settings(
@@ -42,6 +42,7 @@ def trainer(redis7, shakespeare, start_producer, tmp_path):
             *SMALL_RECIPE,
             f"--out_dir={tmp_path / 'run'}",
             "--trainer_metrics_port=0",
+            *options,
         ],
         env={},
         service=TrainerConfig,
@@ -55,6 +56,12 @@ def trainer(redis7, shakespeare, start_producer, tmp_path):
         device=torch.device("cpu"),
     )
     trainer.feed.start()
+    return trainer
+
+
+@pytest.fixture
+def trainer(redis7, shakespeare, start_producer, tmp_path):
+    trainer = started_trainer(redis7, shakespeare, start_producer, tmp_path)
     yield trainer
     trainer.feed.close()
 
@@ -187,3 +194,36 @@ def test_steps_go_on_from_the_read_ahead_while_redis_is_frozen(trainer, redis7):
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     trainer.feed.flush()
     assert trainer.feed.acked == 3
+
+
+def test_entries_whose_read_reply_was_lost_are_taken_again_while_the_trainer_runs(
+    redis7, shakespeare, start_producer, tmp_path, monkeypatch
+):
+    """A read that Redis ran but whose reply never arrived (a reset connection, which the
+    client's own retry hides) leaves entries in this consumer's pending list that no one
+    holds. No other consumer may take them while it lives: the feed itself must."""
+    monkeypatch.setattr(feed_module, "ORPHAN_SWEEP_S", 0.5)
+    trainer = started_trainer(
+        redis7, shakespeare, start_producer, tmp_path, 24, "--prefetch_batches=2"
+    )
+    try:
+        feed, client, group = trainer.feed, trainer.client, trainer.s.run_name
+        wait_until(lambda: len(pending_ids(trainer)) == 4, 30, "the feed's read-ahead")
+        # The lost reply: rank0 is delivered three entries that never reach its feed.
+        lost = client.xreadgroup(group, "rank0", {KEYS.train: ">"}, count=3)[0][1]
+        lost_ids = {entry_id for entry_id, _ in lost}
+        everything = {entry_id for entry_id, _ in client.xrange(KEYS.train)}
+        got = []
+        give_up = threading.Event()
+        threading.Timer(30, give_up.set).start()  # fail, not hang, if they never come
+        for _ in range(24):
+            mb = feed.next(give_up)
+            assert mb is not None, f"{len(got)} of 24 entries in 30 s; lost: {lost_ids}"
+            got.append(mb.entry_id)
+            feed.ack([mb.entry_id])
+        feed.flush()
+        assert set(got) == everything and len(got) == 24  # each once, the lost ones included
+        assert lost_ids <= set(got) and feed.reclaimed >= 3
+        assert pending_ids(trainer) == set() and client.xlen(KEYS.train) == 0
+    finally:
+        trainer.feed.close()

@@ -35,6 +35,7 @@ from shared.streams import Backoff
 log = logging.getLogger(__name__)
 
 DEPARTED_SWEEP_S = 10.0  # how often the first rank looks for entries of departed ranks
+ORPHAN_SWEEP_S = 10.0  # how often a rank looks for entries delivered to it that it never got
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class StreamFeed:
         backoff = Backoff(cap=2.0)
         joined = reclaimed = False
         next_sweep = time.monotonic() + DEPARTED_SWEEP_S
+        next_orphans = time.monotonic() + ORPHAN_SWEEP_S
         # The first rank takes over what ranks outside this world left pending.
         live = {f"rank{r}" for r in range(self.world)} if self.consumer == "rank0" else None
         while not self._stop.is_set():
@@ -137,6 +139,19 @@ class StreamFeed:
                     delivered = self.reader.reclaim_departed(live)
                     self._count_reclaimed(delivered)
                     next_sweep = time.monotonic() + DEPARTED_SWEEP_S
+                elif time.monotonic() >= next_orphans:
+                    with self._handed_lock:
+                        handed = set(self._handed)  # before reading the pending list
+                    delivered = self.reader.reclaim_orphans(handed)
+                    if delivered:
+                        log.warning(
+                            "%s: %d entries delivered to this consumer never reached it (a "
+                            "reply lost on the wire): taking them again",
+                            self.consumer,
+                            len(delivered),
+                        )
+                    self._count_reclaimed(delivered)
+                    next_orphans = time.monotonic() + ORPHAN_SWEEP_S
                 else:
                     delivered = self.reader.read(count=self.prefetch, block_ms=1000)
                 backoff.reset()
