@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -19,9 +20,15 @@ import psutil
 import pytest
 import torch
 
-from services.trainer.checkpoint import Checkpoint, CheckpointError, OutDirInUse, hold_out_dir
+from services.trainer.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointWriteError,
+    OutDirInUse,
+    hold_out_dir,
+)
 from services.trainer.feed import MicroBatch
-from services.trainer.model import MaskedLM
+from services.trainer.model import MaskedLM, ModelConfig
 from services.trainer.train import Dist, Trainer, set_learning_rate, wait_for_contract
 from shared.codec import Batch, encode
 from shared.redis_server import RedisServer
@@ -805,3 +812,107 @@ def test_an_out_dir_that_cannot_be_written_exits_2_naming_it(tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     assert f"out_dir {blocker / 'run'} cannot be written" in run.stderr
     assert "--out_dir" in run.stderr and "Traceback" not in run.stderr
+
+
+def _file_size_limit(limit: int):
+    """For preexec_fn: writes past ``limit`` bytes fail with EFBIG (no signal), as a full
+    disk fails them, without needing a small filesystem or root."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+    return apply
+
+
+def test_checkpoints_that_cannot_be_written_do_not_stop_training(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """A full disk at checkpoint time: each failure is logged and training goes on; at the
+    end the trainer says its last steps are not on disk and exits 2. What killed writers
+    left is removed at start."""
+    stale = tmp_path / ".ckpt.pt.k1ll3d.tmp"
+    stale.write_bytes(bytes(100_000))
+    producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
+    run = subprocess.run(
+        trainer_cmd(
+            1,
+            [
+                f"--redis_url={redis7.url}",
+                *SMALL,
+                "--max_iters=12",
+                "--checkpoint_interval=4",
+                f"--out_dir={tmp_path}",
+            ],
+        ),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(300_000),  # a checkpoint here is over 1 MB
+    )
+    assert producer.terminate() == 0
+    assert run.returncode == 2, run.stderr[-3000:]
+    failures = re.findall(r"cannot write checkpoint \S+: \[Errno 27\] File too large", run.stderr)
+    assert len(failures) == 4, run.stderr[-3000:]  # iters 4, 8, 12, and 12 again at the end
+    assert run.stderr.count("training goes on and the next checkpoint tries again") == 4
+    assert "done at iter 12: 12 entries acked" in run.stderr
+    assert f"the last checkpoint could not be written to {tmp_path}" in run.stderr
+    assert "removed 0.1 MB of checkpoint writes a killed trainer left" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "ckpt.pt").exists() and not list(tmp_path.glob(".ckpt.pt.*"))
+
+
+def test_under_ack_policy_checkpoint_a_failed_checkpoint_acks_nothing_and_exits_2(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
+    run = subprocess.run(
+        trainer_cmd(
+            1,
+            [
+                f"--redis_url={redis7.url}",
+                *SMALL,
+                "--max_iters=12",
+                "--checkpoint_interval=4",
+                "--ack_policy=checkpoint",
+                f"--out_dir={tmp_path}",
+            ],
+        ),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(300_000),
+    )
+    assert producer.terminate() == 0
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "entries are acked only once it is: stopping, the 4 entries held" in run.stderr
+    assert "Traceback" not in run.stderr and "training goes on" not in run.stderr
+    groups = redis7.client().xinfo_groups("maskstream:train")
+    assert sum(group["pending"] for group in groups) >= 4  # held, to be delivered again
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"the previous checkpoint")
+    state = Checkpoint(
+        model={"w": torch.zeros(200_000)},
+        model_config=ModelConfig(vocab_size=3, block_size=8),
+        itos=["a", "b", "[MASK]"],
+        mask_token_id=2,
+    )
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint {path}: "):
+            state.save(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    assert path.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

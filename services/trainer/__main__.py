@@ -34,8 +34,10 @@ from prometheus_client import multiprocess  # noqa: E402 - after the environment
 
 from services.trainer.checkpoint import (  # noqa: E402 - after the environment above
     CheckpointError,
+    CheckpointWriteError,
     OutDirInUse,
     hold_out_dir,
+    remove_stale_temporaries,
 )
 from services.trainer.train import StepFailed, Trainer, TrainerConfigError  # noqa: E402 - after the environment above
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 "out_dir %s cannot be written (%s): choose another --out_dir", settings.out_dir, exc
             )
             return ExitCode.CONFIG
+        if freed := remove_stale_temporaries(settings.out_dir):
+            log.info("removed %.1f MB of checkpoint writes a killed trainer left", freed / 1e6)
     try:
         trainer = Trainer.start(settings, stop)
     except (ContractMismatch, CheckpointError, TrainerConfigError, *REFUSED) as exc:
@@ -93,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as exc:
         log.error("%s; exiting so that a restart goes on", exc, exc_info=exc.__cause__)
         return ExitCode.FAILURE
+    except CheckpointWriteError as exc:  # ack_policy=checkpoint: no ack without one
+        log.error("%s", exc)
+        return ExitCode.CONFIG
     except (ContractMismatch, *REFUSED) as exc:  # e.g. Redis came back with another contract
         return _refused(exc, settings.redis_username)
     finally:
@@ -115,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
             bound = result["bound"]
             kind = "AR NLL" if settings.objective == "ar" else "ELBO"
             print(bound.last_line(kind), flush=True)
+        if not result["checkpoint_written"]:
+            log.error(
+                "the last checkpoint could not be written to %s (see above): the steps since "
+                "the last one written are not on disk; free space there or choose another "
+                "--out_dir",
+                settings.out_dir,
+            )
+            return ExitCode.CONFIG
     return ExitCode.OK
 
 

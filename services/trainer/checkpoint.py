@@ -38,8 +38,29 @@ class CheckpointError(Exception):
     the message names the file."""
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (a full disk, a read-only or vanished
+    directory); the checkpoint already there is untouched. The message names
+    the file and the cause."""
+
+
 def checkpoint_path(out_dir: Path) -> Path:
     return out_dir / CHECKPOINT_NAME
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete what writes of a killed trainer left (``.ckpt.pt.*.tmp``, each the
+    size of a checkpoint); call it holding :func:`hold_out_dir`, so no live
+    writer owns one. Returns the bytes freed."""
+    freed = 0
+    for stale in out_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+        try:
+            size = stale.stat().st_size
+            stale.unlink()
+            freed += size
+        except FileNotFoundError:
+            continue
+    return freed
 
 
 class OutDirInUse(Exception):
@@ -110,16 +131,24 @@ class Checkpoint:
         state["model_config"] = dataclasses.asdict(self.model_config)
         # Only plain values: the contract round-trips through JSON.
         state["meta"] = json.loads(json.dumps(self.meta))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {exc}") from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 torch.save(state, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            # torch.save reports a failed write (ENOSPC, say) as a RuntimeError of its
+            # zip writer raised while handling the OSError: both are the disk's doing.
+            cause = exc if isinstance(exc, OSError) else exc.__context__
+            if isinstance(exc, OSError | RuntimeError) and isinstance(cause, OSError):
+                raise CheckpointWriteError(f"cannot write checkpoint {path}: {cause}") from exc
             raise
         directory = os.open(path.parent, os.O_RDONLY)
         try:

@@ -33,6 +33,10 @@ STEP_FAILURES = Counter(
     "Training steps that raised (counted against their entries)",
     ["rank"],
 )
+CHECKPOINT_FAILURES = Counter(
+    "maskstream_trainer_checkpoint_failures",
+    "Checkpoints that could not be written (full disk, unwritable out_dir); training went on",
+)
 REDIS_UP = Gauge(
     "maskstream_trainer_redis_up",
     "1 while Redis answers this rank, 0 while it waits out an outage or a full Redis",

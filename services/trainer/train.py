@@ -37,6 +37,7 @@ from services.trainer import metrics
 from services.trainer.checkpoint import (
     Checkpoint,
     CheckpointError,
+    CheckpointWriteError,
     checkpoint_path,
     unwrapped_state_dict,
 )
@@ -786,33 +787,61 @@ class Trainer:
 
     # -------------------------------------------------------- checkpoints
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
+        """Write the checkpoint (the first rank) and ack what is outstanding (every rank).
+        False when it could not be written (a full disk, say): logged and counted, and under
+        ``ack_policy=step`` training goes on (the checkpoint on disk stays the last good one;
+        the next interval tries again). Under ``ack_policy=checkpoint`` nothing may be acked
+        without a checkpoint, so every rank raises :class:`CheckpointWriteError` instead."""
+        written = True
         if self.d.master:
-            Checkpoint(
-                model=unwrapped_state_dict(self.model),
-                model_config=self.model_config,
-                itos=list(self.meta["itos"]),
-                mask_token_id=int(self.meta["mask_token_id"]),
-                fingerprint=self.fingerprint,
-                meta=self.meta,
-                iter_num=self.progress.iter_num,
-                tokens=self.progress.tokens,
-                best_val_loss=self.progress.best_val_loss,
-                history=self.progress.history,
-                stage=asdict(self.stage),
-                optimizer=self.optimizer.state_dict(),
-                scaler=self.scaler.state_dict(),
-                stream={
-                    "namespace": self.s.namespace,
-                    "group": self.s.run_name,
-                    "world": self.d.world,
-                    "ack_policy": self.s.ack_policy,
-                },
-                settings=self.s.public_dict(),
-            ).save(self.ckpt_path)
-            log.info("checkpoint at iter %d: %s", self.progress.iter_num, self.ckpt_path)
+            try:
+                self._write_checkpoint()
+            except CheckpointWriteError as exc:
+                written = False
+                metrics.CHECKPOINT_FAILURES.inc()
+                log.error("%s", exc)
+        if self.s.ack_policy == "checkpoint" and not self._all_ready(written):
+            raise CheckpointWriteError(
+                f"the checkpoint in {self.s.out_dir} could not be written, and under "
+                "ack_policy=checkpoint entries are acked only once it is: stopping, the "
+                f"{len(self.held) + len(self.unacked_prev)} entries held stay pending and are "
+                "delivered again; free space there or choose another --out_dir"
+            )
+        if not written:
+            log.error(
+                "training goes on and the next checkpoint tries again (free space in %s or "
+                "fix it; the last checkpoint written stays as it was)",
+                self.s.out_dir,
+            )
         # After the barrier inside, every rank knows the checkpoint is durable.
         self._barrier_and_ack()
+        return written
+
+    def _write_checkpoint(self) -> None:
+        Checkpoint(
+            model=unwrapped_state_dict(self.model),
+            model_config=self.model_config,
+            itos=list(self.meta["itos"]),
+            mask_token_id=int(self.meta["mask_token_id"]),
+            fingerprint=self.fingerprint,
+            meta=self.meta,
+            iter_num=self.progress.iter_num,
+            tokens=self.progress.tokens,
+            best_val_loss=self.progress.best_val_loss,
+            history=self.progress.history,
+            stage=asdict(self.stage),
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            stream={
+                "namespace": self.s.namespace,
+                "group": self.s.run_name,
+                "world": self.d.world,
+                "ack_policy": self.s.ack_policy,
+            },
+            settings=self.s.public_dict(),
+        ).save(self.ckpt_path)
+        log.info("checkpoint at iter %d: %s", self.progress.iter_num, self.ckpt_path)
 
     # --------------------------------------------------------------- loop
 
@@ -884,11 +913,11 @@ class Trainer:
                 t_last, wait_last, steps_since = now, self.feed.wait_s, 0
             if p.iter_num % s.eval_interval == 0 or p.iter_num == s.max_iters:
                 val_loss = self._evaluate_and_control(final=p.iter_num == s.max_iters)
-            if s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0:
-                self.checkpoint()
+            due = s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0
+            if due and self.checkpoint():
                 checkpointed_at = p.iter_num
-        if checkpointed_at != p.iter_num:
-            self.checkpoint()
+        # The last one is tried again if the last interval's failed.
+        written = checkpointed_at == p.iter_num or self.checkpoint()
         if math.isnan(val_loss) and not stopped_early:
             val_loss = self._evaluate_and_control(final=True)
         return {
@@ -899,6 +928,7 @@ class Trainer:
             "double_acks": self.feed.double_acks,
             "dead_letters": self.feed.dead_letters,
             "reclaimed": self.feed.reclaimed,
+            "checkpoint_written": written,
         }
 
     def _evaluate_and_control(self, final: bool = False) -> float:
