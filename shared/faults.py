@@ -2,8 +2,10 @@
 
 An outage, a restart, a server still loading its AOF or a full server
 (``maxmemory``) pass: services back off and try again, logging once when the
-state changes. A refused password or a missing permission never passes by
-itself: services stop with exit code 2 and a message naming the setting.
+state changes. So does a key of ours that someone replaced with another kind of
+value (WRONGTYPE): services wait, saying which, until an operator deletes it. A
+refused password or a missing permission never passes by itself: services stop
+with exit code 2 and a message naming the setting.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from redis.exceptions import (
     OutOfMemoryError,
 )
 
-from shared.streams import TRANSIENT_ERRORS, Backoff
+from shared.streams import TRANSIENT_ERRORS, Backoff, WrongTypeError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ REFUSED: tuple[type[Exception], ...] = (
 # At maxmemory with noeviction Redis refuses writes that grow memory: that is
 # backpressure, which consumers' acks and deletes relieve.
 FULL: tuple[type[Exception], ...] = (OutOfMemoryError,)
-PASSING: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, *FULL)
+
+
+PASSING: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, *FULL, WrongTypeError)
 
 
 def refusal_message(exc: Exception, service: str, user: str | None = None) -> str:
@@ -72,13 +76,22 @@ class RedisState:
     def failed(self, exc: Exception) -> None:
         if self.up:
             self.up = False
-            full = isinstance(exc, FULL)
-            log.warning(
-                "%s: Redis %s (%s); waiting it out",
-                self.name,
-                "is full (maxmemory)" if full else "is unavailable",
-                exc,
-            )
+            if isinstance(exc, WrongTypeError):
+                log.error(
+                    "%s: a key of this namespace holds another kind of value (WRONGTYPE %s); "
+                    "someone wrote it by hand. Waiting until an operator deletes it (DEL the "
+                    "key of the command that failed: the stream, the contract, the stage or "
+                    "the bound)",
+                    self.name,
+                    exc,
+                )
+            else:
+                log.warning(
+                    "%s: Redis %s (%s); waiting it out",
+                    self.name,
+                    "is full (maxmemory)" if isinstance(exc, FULL) else "is unavailable",
+                    exc,
+                )
             if self.on_change is not None:
                 self.on_change(False)
 

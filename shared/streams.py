@@ -42,6 +42,26 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 
 PAYLOAD_FIELD = b"d"
 
+
+class WrongTypeError(ResponseError):
+    """Redis's WRONGTYPE: a key of ours holds another kind of value (a string where the
+    stream was, say), written by hand. Nothing we send fixes it and restarting does not
+    either; an operator must delete the key, and until then services wait."""
+
+
+def _register_wrong_type() -> None:
+    """Make redis-py raise :class:`WrongTypeError` for WRONGTYPE replies (it has no class of
+    its own for them; its parsers, hiredis's included, map error codes through this table)."""
+    try:
+        from redis._parsers.base import BaseParser
+    except ImportError:  # another redis-py layout: WRONGTYPE stays a plain ResponseError
+        return
+    BaseParser.EXCEPTION_CLASSES.setdefault("WRONGTYPE", WrongTypeError)
+
+
+_register_wrong_type()
+
+
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
@@ -602,7 +622,11 @@ def dead_letter(
 
 
 def read_active_stage(client: redis.Redis, keys: StreamKeys) -> int:
-    value = client.get(keys.stage)
+    try:
+        value = client.get(keys.stage)
+    except WrongTypeError:  # a list, say, written by hand: as good as garbage
+        log.warning("ignoring %s: it holds another kind of value than a string", keys.stage)
+        return 0
     try:
         return max(0, int(value)) if value is not None else 0
     except ValueError:

@@ -916,3 +916,50 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     assert path.read_bytes() == b"the previous checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_key_replaced_by_another_type_is_waited_out_until_an_operator_deletes_it(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """Someone SETs a string where the stream was (and a hash where the bound was): Redis
+    answers WRONGTYPE to every stream command. Nobody crashes: producers and trainer say
+    which keys to delete and wait; once the stream key is deleted, the run finishes."""
+    client = redis7.client()
+    producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
+    wait_until(lambda: client.get("maskstream:val:done") is not None, 60, "the validation set")
+    client.delete("maskstream:train")
+    client.set("maskstream:train", "not a stream")
+    client.delete("maskstream:train:max_backlog")
+    client.hset("maskstream:train:max_backlog", "x", "1")
+    log_path = tmp_path / "trainer.log"
+    with log_path.open("w") as log:
+        trainer = subprocess.Popen(
+            trainer_cmd(
+                1,
+                [
+                    f"--redis_url={redis7.url}",
+                    *SMALL,
+                    "--max_iters=10",
+                    f"--out_dir={tmp_path / 'run'}",
+                ],
+            ),
+            cwd=REPO,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: "WRONGTYPE" in log_path.read_text(), 60, "the trainer's message")
+        wait_until(
+            lambda: "WRONGTYPE" in producer.log_path.read_text(), 60, "the producer's message"
+        )
+        assert trainer.poll() is None and producer.proc.poll() is None
+        client.delete("maskstream:train")  # the operator's fix
+        assert trainer.wait(120) == 0, log_path.read_text()[-3000:]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert producer.terminate() == 0
+    text = log_path.read_text()
+    assert "holds another kind of value" in text and "Traceback" not in text
+    assert "done at iter 10: 10 entries acked" in text

@@ -19,7 +19,7 @@ from services.producer import metrics
 from services.producer.provider import Provider
 from shared.codec import Batch, encode
 from shared.contract import ContractGuard, check_meta, make_meta, publish_meta, read_meta
-from shared.faults import FULL, REFUSED
+from shared.faults import FULL, REFUSED, WrongTypeError
 from shared.masking import StageCycle
 from shared.settings import ProducerConfig
 from shared.streams import (
@@ -125,6 +125,7 @@ class Producer:
         self.pending: deque[tuple[bytes, int]] = deque()  # (payload, stage), in seq order
         self._next_allowed = 0.0
         self.redis_full = False  # refused for maxmemory since the last successful send
+        self.wrong_type = False  # a key of ours held another type (logged once)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -152,6 +153,22 @@ class Producer:
                     started = time.monotonic()
                     self.stop.wait(delay)
                     metrics.BACKPRESSURE_SECONDS.observe(time.monotonic() - started)
+                except WrongTypeError as exc:
+                    # A key of ours replaced by hand (a string where the stream was): only
+                    # an operator's DEL fixes it. Say so once, then retry quietly.
+                    if not self.wrong_type:
+                        log.error(
+                            "a key of this namespace holds another kind of value (WRONGTYPE "
+                            "%s); waiting until an operator deletes it (the stream %s, the "
+                            "contract %s, the stage %s or the bound %s)",
+                            exc,
+                            self.keys.train,
+                            self.keys.meta,
+                            self.keys.stage,
+                            self.keys.max_backlog,
+                        )
+                        self.wrong_type = True
+                    self.stop.wait(backoff.next_delay())
                 except TRANSIENT_ERRORS as exc:
                     delay = backoff.next_delay()
                     log.warning("lost Redis (%s); reconnecting in %.1f s", exc, delay)
@@ -165,8 +182,8 @@ class Producer:
         publish_meta(self.client, self.keys, self.meta)
         # The bound, for trainers to check their ack policy against (not part
         # of the contract: it changes no data).
-        if self.client.get(self.keys.max_backlog) != str(self.settings.max_backlog).encode():
-            self.client.set(self.keys.max_backlog, self.settings.max_backlog)
+        # A plain SET: it also replaces a value of another type someone wrote there.
+        self.client.set(self.keys.max_backlog, self.settings.max_backlog)
         if self.maker is None or not self.lease.renew():
             if self.maker is not None:
                 log.warning(
@@ -266,6 +283,9 @@ class Producer:
             if self.redis_full:
                 log.info("Redis has room again")
                 self.redis_full = False
+            if self.wrong_type:
+                log.info("the namespace's keys hold what they should again")
+                self.wrong_type = False
             # (A new connection fails its first command, see ContractGuard.armed:
             # run() then restores this producer's state before anything is sent.)
             self._record_sent(sent, stats)
