@@ -227,3 +227,24 @@ def test_entries_whose_read_reply_was_lost_are_taken_again_while_the_trainer_run
         assert pending_ids(trainer) == set() and client.xlen(KEYS.train) == 0
     finally:
         trainer.feed.close()
+
+
+def test_a_group_recreated_mid_run_serves_no_entry_twice(trainer):
+    """XGROUP DESTROY (an admin's, or a Redis restarted from an old file): the feed re-creates
+    the group from id 0, which delivers again the entries already handed to training. Their
+    steps' acks cover them; handing them out twice would train on them twice."""
+    feed, client, group = trainer.feed, trainer.client, trainer.s.run_name
+    first = [feed.next().entry_id for _ in range(2)]
+    client.xgroup_destroy(KEYS.train, group)
+    give_up = threading.Event()
+    threading.Timer(20, give_up.set).start()
+    got = list(first)
+    while len(got) < 12 and (mb := feed.next(give_up)) is not None:
+        got.append(mb.entry_id)
+    assert len(got) == 12 and len(set(got)) == 12, got
+    quiet = threading.Event()
+    threading.Timer(3, quiet.set).start()  # the feed re-read the new group meanwhile
+    assert feed.next(quiet) is None
+    feed.ack(got)
+    feed.flush()
+    assert pending_ids(trainer) == set() and client.xlen(KEYS.train) == 0

@@ -963,3 +963,48 @@ def test_a_key_replaced_by_another_type_is_waited_out_until_an_operator_deletes_
     text = log_path.read_text()
     assert "holds another kind of value" in text and "Traceback" not in text
     assert "done at iter 10: 10 entries acked" in text
+
+
+def test_a_contract_overwritten_mid_run_is_reported_and_the_trainer_keeps_going(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """Someone writes another contract over <ns>:meta: this run's producers refuse it
+    (exit 3) and the trainer starves; it says why, and that the contract is back once
+    it is, and stops cleanly when asked."""
+    client = redis7.client()
+    producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
+    log_path = tmp_path / "trainer.log"
+    with log_path.open("w") as log:
+        trainer = subprocess.Popen(
+            trainer_cmd(
+                1,
+                [f"--redis_url={redis7.url}", *SMALL, "--max_iters=99999", f"--out_dir={tmp_path}"],
+            ),
+            cwd=REPO,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: "[  0%] iter" in log_path.read_text(), 120, "training")
+        ours = client.get("maskstream:meta")
+        other = {**json.loads(ours), "block_size": 32, "fingerprint": "0123456789abcdef"}
+        client.set("maskstream:meta", json.dumps(other))
+        wait_until(
+            lambda: "this run's producers refuse it and stop" in log_path.read_text(), 30, "error"
+        )
+        assert "block_size: 32 -> 64" in log_path.read_text()
+        assert producer.wait(30) == 3
+        client.set("maskstream:meta", ours)
+        wait_until(
+            lambda: "maskstream:meta holds this run's contract again" in log_path.read_text(),
+            30,
+            "the all-clear",
+        )
+        assert trainer.poll() is None
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(60) == 0, log_path.read_text()[-3000:]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert "Traceback" not in log_path.read_text()

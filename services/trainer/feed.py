@@ -187,6 +187,11 @@ class StreamFeed:
                 return
             for entry_id, batch in delivered:
                 with self._handed_lock:
+                    if entry_id in self._handed:
+                        # Delivered again while its step is under way: a group re-created
+                        # from id 0 (XGROUP DESTROY, a Redis restart) serves it anew. The
+                        # step's ack covers it; training on it twice would not.
+                        continue
                     self._handed.add(entry_id)
                 self._put(self._host_batch(entry_id, batch))
 

@@ -52,7 +52,7 @@ from services.trainer.elbo import (
 from services.trainer.feed import MicroBatch, StreamFeed, to_host_tensor
 from services.trainer.model import MaskedLM, ModelConfig
 from shared.codec import Batch
-from shared.contract import read_meta, schema_of
+from shared.contract import ContractMismatch, check_meta, read_meta, schema_of
 from shared.faults import PASSING, REFUSED, RedisState, ride_out
 from shared.metrics import serve as serve_metrics
 from shared.reader import BatchReader, read_validation, validation_ready
@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 # The loss ignores this target; the wire's label_ignore_value is mapped to it.
 IGNORE_INDEX = -100
+# The first rank compares the stored contract with its own every 5 queue-gauge rounds (10 s).
+CONTRACT_CHECK_ROUNDS = 5
 # Dense bf16 peak FLOP/s, for MFU when peak_flops is not set.
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
@@ -350,6 +352,7 @@ class Trainer:
         self.max_backlog = settings.max_backlog  # start() puts the producers' published bound
         self._fail_on = _fail_on()
         self._gauges_stop = threading.Event()
+        self._contract_differs = False  # Redis holds another contract (logged once)
         # Step N-1's entries: acked after step N's all-reduce (several ranks), or
         # once the device has run step N-1 (one GPU: _previous_step, its end).
         self.unacked_prev: list[bytes] = []
@@ -671,8 +674,12 @@ class Trainer:
         a thread of their own: a frozen Redis must not hold up the steps): right
         whatever the number of producers, zero included."""
         failing = False
+        rounds = 0
         while not self._gauges_stop.wait(every_s):
             try:
+                if rounds % CONTRACT_CHECK_ROUNDS == 0:
+                    self._check_stored_contract()
+                rounds += 1
                 length = self.client.xlen(self.keys.train)
                 pending = pending_count(self.client, self.keys.train, self.s.run_name)
             except PASSING as exc:  # only gauges: try again next time
@@ -685,6 +692,29 @@ class Trainer:
                 continue
             failing = False
             self._set_queue_gauges(length, pending)
+
+    def _check_stored_contract(self) -> None:
+        """Say so (once per change) when Redis holds another contract than this run's: its
+        producers then stop (exit 3) and this trainer starves. It keeps its GPUs, trains on
+        what is queued and dead-letters entries of the other contract."""
+        try:
+            stored = read_meta(self.client, self.keys)
+            if stored is not None:
+                check_meta(self.keys, stored, self.meta)
+        except ContractMismatch as exc:
+            if not self._contract_differs:
+                log.error(
+                    "%s; this run's producers refuse it and stop: restore this run's contract "
+                    "(DEL %s; its producers write it again when restarted) or stop the other "
+                    "run's producers",
+                    exc,
+                    self.keys.meta,
+                )
+            self._contract_differs = True
+            return
+        if self._contract_differs:
+            log.info("%s holds this run's contract again", self.keys.meta)
+        self._contract_differs = False
 
     def _set_queue_gauges(self, length: int, pending: int) -> None:
         metrics.STREAM_LENGTH.labels(self.keys.train).set(length)
