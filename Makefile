@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # once; see docs/training.md, "On a GPU".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_STAMP := $(VENV)/.torch-spec
-TORCH_CHANGED := $(if $(filter file,$(origin TORCH_SPEC)),,$(shell [ "$$(cat $(TORCH_STAMP) 2>/dev/null)" = "$(TORCH_SPEC)" ] || echo FORCE))
+TORCH_CHANGED := $(if $(filter command line,$(origin TORCH_SPEC)),$(shell [ "$$(cat $(TORCH_STAMP) 2>/dev/null)" = "$(TORCH_SPEC)" ] || echo FORCE))
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help

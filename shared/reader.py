@@ -126,10 +126,13 @@ class BatchReader:
         that nobody holds: no other consumer may take them while it lives, so they would
         wait for its restart. ``handed`` must be read before this call, so an entry
         acked meanwhile is either in it or no longer pending."""
-        pending = self.client.xpending_range(
-            self.stream, self.group, "-", "+", 1000, consumername=self.consumer
-        )
-        ids = [row["message_id"] for row in pending if row["message_id"] not in handed]
+        ids: list[bytes] = []
+        start = "-"
+        while page := self.client.xpending_range(
+            self.stream, self.group, start, "+", 1000, consumername=self.consumer
+        ):  # every page: a rank may hold far more than 1000 (ack_policy=checkpoint)
+            ids += [row["message_id"] for row in page if row["message_id"] not in handed]
+            start = "(" + page[-1]["message_id"].decode()
         if not ids:
             return []
         entries = self.client.xclaim(self.stream, self.group, self.consumer, 0, ids)

@@ -107,6 +107,9 @@ def test_the_acl_file_holds_only_hashes_and_refuses_weak_passwords(tmp_path):
         "0123456789abcdef\\x",
         "0123456789abcdefé",
         "0123456789abcdef\x01",
+        "0123456789abcdef!\r\n",  # a CRLF file: both drop the line end
+        "  0123456789abcdef!  ",
+        "0123456789abcdef\nx",
     ],
 )
 def test_acl_sh_takes_exactly_the_passwords_the_services_take(tmp_path, password):
@@ -116,10 +119,11 @@ def test_acl_sh_takes_exactly_the_passwords_the_services_take(tmp_path, password
     result = subprocess.run(
         ["sh", str(ACL_SCRIPT), str(tmp_path / "s")], capture_output=True, text=True
     )
-    services_take = password_problem(password, "trainer") is None
+    # The services read the file stripped (shared/settings.py, redis_password_file).
+    services_take = password_problem(password.strip(), "trainer") is None
     assert (result.returncode == 0) == services_take, (password, result.stderr)
     if services_take:
-        digest = hashlib.sha256(password.encode()).hexdigest()
+        digest = hashlib.sha256(password.strip().encode()).hexdigest()
         assert f"user trainer on #{digest} " in result.stdout
 
 

@@ -237,6 +237,25 @@ def test_a_field_name_given_twice_is_refused_wherever_the_entry_is_read(redis_se
     assert [b.seq for b in batches] == [7] and skipped == ["bad_entry_fields"]
 
 
+
+def test_orphans_are_found_past_the_first_thousand_pending_entries(redis_server):
+    """A rank may hold thousands of entries (ack_policy=checkpoint): entries it never
+    received sit behind them in its pending list, and the sweep must page to them."""
+    client = connect(redis_server.url)
+    reader = group_reader(client, "rank0")
+    reader.setup()
+    pipe = client.pipeline(transaction=False)
+    for seq in range(1005):
+        pipe.xadd(KEYS.train, {PAYLOAD_FIELD: message(seq)})
+    ids = pipe.execute()
+    handed = {entry_id for entry_id, _ in reader.read(count=1000, block_ms=None)}
+    client.xreadgroup("g", "rank0", {KEYS.train: ">"}, count=10)  # a reply lost on the wire
+    client.xdel(KEYS.train, ids[-1])  # one of them deleted meanwhile: cleared, not served
+    found = reader.reclaim_orphans(handed)
+    assert [entry_id for entry_id, _ in found] == ids[1000:1004]
+    assert [batch.seq for _, batch in found] == [1000, 1001, 1002, 1003]
+    assert pending_count(client, KEYS.train, "g") == 1004
+
 def test_entry_deleted_while_pending_is_cleared_on_reclaim(redis_server):
     client = connect(redis_server.url)
     reader = group_reader(client, "rank0")

@@ -865,6 +865,40 @@ def test_checkpoints_that_cannot_be_written_do_not_stop_training(
     assert not (tmp_path / "ckpt.pt").exists() and not list(tmp_path.glob(".ckpt.pt.*"))
 
 
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_failed_checkpoint_and_finish_together(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """Only the first rank writes: the others must learn the outcome, or the first would
+    wait alone in the run's last checkpoint for a rank that already left."""
+    producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
+    run = subprocess.run(
+        trainer_cmd(
+            2,
+            [
+                f"--redis_url={redis7.url}",
+                *SMALL,
+                "--max_iters=12",
+                "--checkpoint_interval=4",
+                f"--out_dir={tmp_path}",
+            ],
+        ),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(300_000),
+    )
+    assert producer.terminate() == 0
+    assert run.returncode != 0, run.stderr[-3000:]  # rank 0 exits 2
+    assert run.stderr.count("training goes on and the next checkpoint tries again") == 4
+    assert "the last checkpoint could not be written" in run.stderr
+    assert "done at iter 12: " in run.stderr
+    # The only traceback is torchrun's report of rank 0's exit code 2.
+    assert run.stderr.count("Traceback") == 1 and "exitcode  : 2" in run.stderr
+
+
 def test_under_ack_policy_checkpoint_a_failed_checkpoint_acks_nothing_and_exits_2(
     redis7, shakespeare, start_producer, tmp_path
 ):

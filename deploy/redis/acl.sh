@@ -43,7 +43,8 @@ hash_of() {
         echo "acl.sh: $file is missing or unreadable: run deploy/docker/make-env.sh" >&2
         exit 2
     fi
-    password=$(cat "$file")
+    # Surrounding whitespace dropped (a CRLF or a trailing space), as the services do.
+    password=$(sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$file")
     case $password in
         change-me | changeme | password | admin | redis | secret)
             echo "acl.sh: $file holds the placeholder '$password': run deploy/docker/make-env.sh" >&2

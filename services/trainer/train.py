@@ -676,10 +676,10 @@ class Trainer:
         failing = False
         rounds = 0
         while not self._gauges_stop.wait(every_s):
+            if rounds % CONTRACT_CHECK_ROUNDS == 0:
+                self._check_stored_contract()
+            rounds += 1
             try:
-                if rounds % CONTRACT_CHECK_ROUNDS == 0:
-                    self._check_stored_contract()
-                rounds += 1
                 length = self.client.xlen(self.keys.train)
                 pending = pending_count(self.client, self.keys.train, self.s.run_name)
             except PASSING as exc:  # only gauges: try again next time
@@ -699,9 +699,12 @@ class Trainer:
         what is queued and dead-letters entries of the other contract."""
         try:
             stored = read_meta(self.client, self.keys)
-            if stored is not None:
-                check_meta(self.keys, stored, self.meta)
-        except ContractMismatch as exc:
+            if stored is None:  # gone (a restart, a DEL): producers write theirs again
+                return
+            check_meta(self.keys, stored, self.meta)
+        except Exception as exc:  # a report only: the feed handles outages
+            if not isinstance(exc, ContractMismatch):
+                return  # Redis away, the key of another type, ...: the feed says so
             if not self._contract_differs:
                 log.error(
                     "%s; this run's producers refuse it and stop: restore this run's contract "
@@ -831,14 +834,17 @@ class Trainer:
                 written = False
                 metrics.CHECKPOINT_FAILURES.inc()
                 log.error("%s", exc)
-        if self.s.ack_policy == "checkpoint" and not self._all_ready(written):
+        # Every rank learns the outcome (one tiny all-reduce), so all go on or stop together
+        # and all call the same collectives next (the run's last checkpoint is retried).
+        written = self._all_ready(written)
+        if self.s.ack_policy == "checkpoint" and not written:
             raise CheckpointWriteError(
                 f"the checkpoint in {self.s.out_dir} could not be written, and under "
                 "ack_policy=checkpoint entries are acked only once it is: stopping, the "
                 f"{len(self.held) + len(self.unacked_prev)} entries held stay pending and are "
                 "delivered again; free space there or choose another --out_dir"
             )
-        if not written:
+        if not written and self.d.master:
             log.error(
                 "training goes on and the next checkpoint tries again (free space in %s or "
                 "fix it; the last checkpoint written stays as it was)",
