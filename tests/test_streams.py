@@ -237,7 +237,6 @@ def test_a_field_name_given_twice_is_refused_wherever_the_entry_is_read(redis_se
     assert [b.seq for b in batches] == [7] and skipped == ["bad_entry_fields"]
 
 
-
 def test_orphans_are_found_past_the_first_thousand_pending_entries(redis_server):
     """A rank may hold thousands of entries (ack_policy=checkpoint): entries it never
     received sit behind them in its pending list, and the sweep must page to them."""
@@ -255,6 +254,7 @@ def test_orphans_are_found_past_the_first_thousand_pending_entries(redis_server)
     assert [entry_id for entry_id, _ in found] == ids[1000:1004]
     assert [batch.seq for _, batch in found] == [1000, 1001, 1002, 1003]
     assert pending_count(client, KEYS.train, "g") == 1004
+
 
 def test_entry_deleted_while_pending_is_cleared_on_reclaim(redis_server):
     client = connect(redis_server.url)

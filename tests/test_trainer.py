@@ -826,23 +826,21 @@ def _file_size_limit(limit: int):
     return apply
 
 
-def test_checkpoints_that_cannot_be_written_do_not_stop_training(
-    redis7, shakespeare, start_producer, tmp_path
-):
-    """A full disk at checkpoint time: each failure is logged and training goes on; at the
-    end the trainer says its last steps are not on disk and exits 2. What killed writers
-    left is removed at start."""
-    stale = tmp_path / ".ckpt.pt.k1ll3d.tmp"
-    stale.write_bytes(bytes(100_000))
+def train_on_a_full_disk(
+    redis7, shakespeare, start_producer, tmp_path, world: int, extra: list[str] = ()
+) -> subprocess.CompletedProcess:
+    """12 steps, a checkpoint every 4, with every file capped at 300 KB (a checkpoint here
+    is over 1 MB): each checkpoint fails as on a full disk."""
     producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
     run = subprocess.run(
         trainer_cmd(
-            1,
+            world,
             [
                 f"--redis_url={redis7.url}",
                 *SMALL,
                 "--max_iters=12",
                 "--checkpoint_interval=4",
+                *extra,
                 f"--out_dir={tmp_path}",
             ],
         ),
@@ -851,9 +849,21 @@ def test_checkpoints_that_cannot_be_written_do_not_stop_training(
         capture_output=True,
         text=True,
         timeout=300,
-        preexec_fn=_file_size_limit(300_000),  # a checkpoint here is over 1 MB
+        preexec_fn=_file_size_limit(300_000),
     )
     assert producer.terminate() == 0
+    return run
+
+
+def test_checkpoints_that_cannot_be_written_do_not_stop_training(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """A full disk at checkpoint time: each failure is logged and training goes on; at the
+    end the trainer says its last steps are not on disk and exits 2. What killed writers
+    left is removed at start."""
+    stale = tmp_path / ".ckpt.pt.k1ll3d.tmp"
+    stale.write_bytes(bytes(100_000))
+    run = train_on_a_full_disk(redis7, shakespeare, start_producer, tmp_path, world=1)
     assert run.returncode == 2, run.stderr[-3000:]
     failures = re.findall(r"cannot write checkpoint \S+: \[Errno 27\] File too large", run.stderr)
     assert len(failures) == 4, run.stderr[-3000:]  # iters 4, 8, 12, and 12 again at the end
@@ -871,26 +881,7 @@ def test_two_ranks_agree_on_a_failed_checkpoint_and_finish_together(
 ):
     """Only the first rank writes: the others must learn the outcome, or the first would
     wait alone in the run's last checkpoint for a rank that already left."""
-    producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
-    run = subprocess.run(
-        trainer_cmd(
-            2,
-            [
-                f"--redis_url={redis7.url}",
-                *SMALL,
-                "--max_iters=12",
-                "--checkpoint_interval=4",
-                f"--out_dir={tmp_path}",
-            ],
-        ),
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=_file_size_limit(300_000),
-    )
-    assert producer.terminate() == 0
+    run = train_on_a_full_disk(redis7, shakespeare, start_producer, tmp_path, world=2)
     assert run.returncode != 0, run.stderr[-3000:]  # rank 0 exits 2
     assert run.stderr.count("training goes on and the next checkpoint tries again") == 4
     assert "the last checkpoint could not be written" in run.stderr
@@ -902,27 +893,9 @@ def test_two_ranks_agree_on_a_failed_checkpoint_and_finish_together(
 def test_under_ack_policy_checkpoint_a_failed_checkpoint_acks_nothing_and_exits_2(
     redis7, shakespeare, start_producer, tmp_path
 ):
-    producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
-    run = subprocess.run(
-        trainer_cmd(
-            1,
-            [
-                f"--redis_url={redis7.url}",
-                *SMALL,
-                "--max_iters=12",
-                "--checkpoint_interval=4",
-                "--ack_policy=checkpoint",
-                f"--out_dir={tmp_path}",
-            ],
-        ),
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=_file_size_limit(300_000),
+    run = train_on_a_full_disk(
+        redis7, shakespeare, start_producer, tmp_path, world=1, extra=["--ack_policy=checkpoint"]
     )
-    assert producer.terminate() == 0
     assert run.returncode == 2, run.stderr[-3000:]
     assert "entries are acked only once it is: stopping, the 4 entries held" in run.stderr
     assert "Traceback" not in run.stderr and "training goes on" not in run.stderr
