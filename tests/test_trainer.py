@@ -733,23 +733,22 @@ def test_an_unreadable_checkpoint_exits_3_naming_the_file(
     assert "Traceback" not in run.stderr
 
 
+def start_logged_trainer(url: str, log_path: Path, *args: str) -> subprocess.Popen:
+    """One rank in the background, its output in ``log_path``."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            trainer_cmd(1, [f"--redis_url={url}", *SMALL, *args]),
+            cwd=REPO,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def test_a_trainer_started_before_redis_waits_for_it(shakespeare, start_producer, tmp_path):
     server = RedisServer()
-    log = open(tmp_path / "trainer.log", "w")  # noqa: SIM115
-    trainer = subprocess.Popen(
-        trainer_cmd(
-            1,
-            [
-                f"--redis_url={server.url}",
-                *SMALL,
-                "--max_iters=10",
-                f"--out_dir={tmp_path / 'run'}",
-            ],
-        ),
-        cwd=REPO,
-        env=env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    trainer = start_logged_trainer(
+        server.url, tmp_path / "trainer.log", "--max_iters=10", f"--out_dir={tmp_path / 'run'}"
     )
     try:
         wait_until(
@@ -764,7 +763,6 @@ def test_a_trainer_started_before_redis_waits_for_it(shakespeare, start_producer
     finally:
         if trainer.poll() is None:
             trainer.kill()
-        log.close()
         server.stop()
     assert "Redis answers again" in (tmp_path / "trainer.log").read_text()
 
@@ -939,22 +937,9 @@ def test_a_key_replaced_by_another_type_is_waited_out_until_an_operator_deletes_
     client.delete("maskstream:train:max_backlog")
     client.hset("maskstream:train:max_backlog", "x", "1")
     log_path = tmp_path / "trainer.log"
-    with log_path.open("w") as log:
-        trainer = subprocess.Popen(
-            trainer_cmd(
-                1,
-                [
-                    f"--redis_url={redis7.url}",
-                    *SMALL,
-                    "--max_iters=10",
-                    f"--out_dir={tmp_path / 'run'}",
-                ],
-            ),
-            cwd=REPO,
-            env=env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    trainer = start_logged_trainer(
+        redis7.url, log_path, "--max_iters=10", f"--out_dir={tmp_path / 'run'}"
+    )
     try:
         wait_until(lambda: "WRONGTYPE" in log_path.read_text(), 60, "the trainer's message")
         wait_until(
@@ -981,17 +966,9 @@ def test_a_contract_overwritten_mid_run_is_reported_and_the_trainer_keeps_going(
     client = redis7.client()
     producer = start_producer(f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL)
     log_path = tmp_path / "trainer.log"
-    with log_path.open("w") as log:
-        trainer = subprocess.Popen(
-            trainer_cmd(
-                1,
-                [f"--redis_url={redis7.url}", *SMALL, "--max_iters=99999", f"--out_dir={tmp_path}"],
-            ),
-            cwd=REPO,
-            env=env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    trainer = start_logged_trainer(
+        redis7.url, log_path, "--max_iters=99999", f"--out_dir={tmp_path}"
+    )
     try:
         wait_until(lambda: "[  0%] iter" in log_path.read_text(), 120, "training")
         ours = client.get("maskstream:meta")
