@@ -41,8 +41,7 @@ REFUSED: tuple[type[Exception], ...] = (
 # At maxmemory with noeviction Redis refuses writes that grow memory: that is
 # backpressure, which consumers' acks and deletes relieve.
 FULL: tuple[type[Exception], ...] = (OutOfMemoryError,)
-
-
+# A key of ours holding another kind of value waits for an operator's DEL, like an outage.
 PASSING: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, *FULL, WrongTypeError)
 
 
