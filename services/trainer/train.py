@@ -102,6 +102,9 @@ def init_distributed(device_setting: str) -> tuple[Dist, torch.device]:
         index = d.local_rank if d.enabled else (torch.device(device_setting).index or 0)
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
+        # TF32 for what runs in float32 (sampling, evaluation, Muon's iterations);
+        # autocast's bf16 matmuls are unaffected.
+        torch.set_float32_matmul_precision("high")
     else:
         device = torch.device("cpu")
     if d.enabled:
