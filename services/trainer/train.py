@@ -415,12 +415,14 @@ class Trainer:
         else:
             self.raw_model = MaskedLM(self.model_config).to(self.device)
         model: torch.nn.Module = self.raw_model
-        if self.s.compile:
-            model = torch.compile(model)
         if self.d.enabled:
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if self.s.compile:
+            # Compiling the DDP module, not wrapping a compiled one: dynamo then splits the
+            # graph at DDP's bucket boundaries, so gradients are reduced while backward runs.
+            model = torch.compile(model)
         self.model = model
         self.peak_flops = self.s.peak_flops or self._known_peak_flops()
 
