@@ -14,10 +14,16 @@ AR model's own samples. Run from the repository root::
 Any ``--key=value`` is a setting for both runs; ``--ar_<key>=value`` for the
 baseline only; ``--reuse`` takes the checkpoints an earlier run left (only the
 sampling runs again).
+
+``--curve=62,125,250,500,1000`` trains both models once per step count instead
+(each with its whole learning-rate schedule) and prints both bounds at each
+budget, and for each diffusion ELBO the AR budget that reaches the same NLL: how
+many times the tokens the diffusion model needs for the AR model's quality.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -89,13 +95,61 @@ def entropy(output: str) -> float:
     return float(re.search(r"entropy of the generated text: ([\d.]+)", output).group(1))
 
 
+def budget_args(steps: int) -> list[str]:
+    """One budget of ``--curve``: its own whole schedule, warmup at most a fifth of it."""
+    every = min(250, steps)
+    return [f"--max_iters={steps}", f"--lr_decay_iters={steps}",
+            f"--warmup_iters={min(50, steps // 5)}", f"--eval_interval={every}",
+            f"--checkpoint_interval={every}"]  # fmt: skip
+
+
+def equal_quality_tokens(curve: list[tuple[int, float]], nats: float) -> float | None:
+    """The tokens at which the AR curve ((tokens, NLL), NLL falling) reaches
+    ``nats``, interpolated linearly in log tokens; None outside the measured range."""
+    for (t0, n0), (t1, n1) in itertools.pairwise(curve):
+        if n1 <= nats <= n0:
+            share = (n0 - nats) / (n0 - n1) if n0 != n1 else 0.0
+            return math.exp(math.log(t0) + share * (math.log(t1) - math.log(t0)))
+    return None
+
+
+def token_curve(shared: list[str], ar_only: list[str], steps: list[int], reuse: bool) -> int:
+    from services.trainer.checkpoint import Checkpoint
+
+    print(f"\n{'steps':>6}{'tokens':>12}{'AR NLL':>9}{'± se':>8}{'ELBO':>9}{'± se':>8}"
+          f"{'ratio':>7}{'wall s':>8}", flush=True)  # fmt: skip
+    ar_curve, elbos = [], []
+    for n in steps:
+        ar = run_local(f"ar-{n}", [*shared, *budget_args(n), "--objective=ar", *ar_only], reuse)
+        diffusion = run_local(f"diffusion-{n}", [*shared, *budget_args(n)], reuse)
+        tokens = Checkpoint.load(OUT / f"diffusion-{n}" / "ckpt.pt").tokens
+        ar_curve.append((tokens, ar[0]))
+        elbos.append((tokens, diffusion[0]))
+        print(f"{n:>6}{tokens:>12,}{ar[0]:>9.4f}{ar[1]:>8.4f}{diffusion[0]:>9.4f}"
+              f"{diffusion[1]:>8.4f}{diffusion[0] / ar[0]:>7.3f}{ar[3] + diffusion[3]:>8.0f}",
+              flush=True)  # fmt: skip
+    print("\nthe AR budget with the diffusion model's quality (its NLL = the ELBO):")
+    for tokens, nats in elbos:
+        same = equal_quality_tokens(ar_curve, nats)
+        if same is None:
+            print(f"  ELBO {nats:.4f} at {tokens:,} tokens: outside the AR curve measured")
+        else:
+            print(f"  ELBO {nats:.4f} at {tokens:,} tokens = AR NLL at {same:,.0f} tokens: "
+                  f"{tokens / same:.1f}x the tokens")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str]) -> int:
     reuse = "--reuse" in argv
     argv = [a for a in argv if a != "--reuse"]
+    steps = [int(n) for a in argv if a.startswith("--curve=") for n in a[8:].split(",")]
+    argv = [a for a in argv if not a.startswith("--curve=")]
     shared = [a for a in argv if not a.startswith("--ar_")]
     ar_only = ["--" + a[len("--ar_") :] for a in argv if a.startswith("--ar_")]
     shared = with_defaults(shared)
     print(f"bench-quality: {' '.join(shared)}; baseline also {' '.join(ar_only) or '(nothing)'}")
+    if steps:
+        return token_curve(shared, ar_only, sorted(steps), reuse)
 
     ar = run_local("ar", [*shared, "--objective=ar", *ar_only], reuse)
     diffusion = run_local("diffusion", shared, reuse)
