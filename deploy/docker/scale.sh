@@ -5,6 +5,8 @@
 # the current one).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. deploy/docker/dotenv.sh
+load_dotenv  # COMPOSE_PROJECT_NAME
 n=${1:?usage: scale.sh N}
 [[ "$n" =~ ^[0-9]+$ ]] || { echo "scale.sh: N must be a number, not '$n'" >&2; exit 2; }
 

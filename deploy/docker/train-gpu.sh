@@ -4,9 +4,11 @@
 #   TRAIN_GPU_MODE=container  the compose stack with the GPU trainer (profile gpu) instead of
 #                             the CPU one: needs Docker Engine with the NVIDIA container
 #                             toolkit. Restarts the stack and empties Redis's volume (the
-#                             other preset's queue and contract; checkpoints stay), so
-#                             producers write the new preset's contract. To restart a GPU
-#                             stack keeping its queue: COMPOSE_PROFILES=gpu make up.
+#                             other preset's queue and contract; checkpoints stay, one folder
+#                             per preset), so producers write the new preset's contract.
+#                             .env then says COMPOSE_PROFILES=gpu (other profiles kept) and
+#                             the preset, so `make up` and `make scale` keep the GPU stack;
+#                             set both back in .env for the CPU one.
 #   TRAIN_GPU_MODE=native     torchrun from .venv on this machine against REDIS_URL (default:
 #                             the stack's Redis on localhost:$REDIS_PORT, published with
 #                             deploy/compose/publish-redis.yml, as user trainer with the
@@ -19,8 +21,9 @@
 # PRESET defaults to char_diffusion; arguments (ARGS) pass on as settings (--key=value).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. deploy/docker/dotenv.sh
 mode=${TRAIN_GPU_MODE:-auto}
-export PRESET=${PRESET:-char_diffusion}
+export PRESET=${PRESET:-char_diffusion}  # the command line's, not .env's (the CPU stack's)
 py=${PY:-.venv/bin/python}
 
 docker_gpu() {
@@ -47,21 +50,30 @@ fi
 case "$mode" in
 container)
     deploy/docker/make-env.sh
-    echo "train-gpu: compose stack with the GPU trainer, preset $PRESET"
-    COMPOSE_PROFILES=cpu,gpu deploy/docker/compose.sh down --remove-orphans
+    load_dotenv
+    # The GPU trainer's profile in place of the CPU one's; any other (autoscale) stays.
+    others=$(tr ',' '\n' <<<"${COMPOSE_PROFILES:-}" | grep -vx -e cpu -e gpu -e '' | paste -sd, -)
+    profiles=gpu${others:+,$others}
+    echo "train-gpu: compose stack with the GPU trainer, preset $PRESET, profiles $profiles"
+    COMPOSE_PROFILES=cpu,gpu,autoscale${others:+,$others} deploy/docker/compose.sh down --remove-orphans
     # Redis keeps its data on a volume (append-only file): a new preset needs it empty.
     "$(deploy/docker/compose.sh --engine)" volume rm -f \
         "${COMPOSE_PROJECT_NAME:-maskstream}_redis-data" >/dev/null 2>&1 || true  # none yet
-    COMPOSE_PROFILES=gpu deploy/docker/compose.sh up -d --build
+    set_dotenv COMPOSE_PROFILES "$profiles"
+    set_dotenv PRESET "$PRESET"
+    echo "train-gpu: .env now says COMPOSE_PROFILES=$profiles and PRESET=$PRESET"
+    COMPOSE_PROFILES=$profiles deploy/docker/compose.sh up -d --build
     echo "train-gpu: follow it with: make logs SERVICE=trainer"
     ;;
 native)
     if [ -z "${REDIS_URL:-}" ]; then
-        port=${REDIS_PORT:-$(sed -n 's/^REDIS_PORT=//p' .env 2>/dev/null || true)}
+        # Only what names the stack's Redis comes from .env: the rest of it is the stack's.
+        port=${REDIS_PORT:-$(dotenv_value REDIS_PORT)}
         export REDIS_URL="redis://localhost:${port:-6379}/0"
         if [ -z "${REDIS_PASSWORD:-}${REDIS_PASSWORD_FILE:-}" ]; then
+            secrets=${SECRETS_DIR:-$(dotenv_value SECRETS_DIR)}
             export REDIS_USERNAME=${REDIS_USERNAME:-trainer}
-            export REDIS_PASSWORD_FILE=${SECRETS_DIR:-.secrets}/redis-trainer
+            export REDIS_PASSWORD_FILE=${secrets:-.secrets}/redis-trainer
         fi
     fi
     native_gpu || {

@@ -34,12 +34,13 @@ RUN python3 -m venv /opt/venv \
     && useradd --create-home --uid 10001 --user-group maskstream \
     && install -d -o maskstream -g maskstream /cache /runs
 
+COPY deploy/docker/check-torch.py /usr/local/lib/check-torch.py
 # torch first, in its own layer: code changes do not reinstall it. The wheels are
 # bind-mounted for this step only, so a wheel never lands in a layer twice.
 RUN --mount=type=bind,from=wheels,target=/wheels \
     pip install --find-links /wheels \
         ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" \
-    && python -W ignore -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    && python -W ignore /usr/local/lib/check-torch.py "$TORCH_SPEC"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -84,7 +84,7 @@ cat <<ACL
 user default off resetpass allcommands allkeys allchannels
 user producer on #$producer resetchannels -@all $setinfo +ping +multi +exec +discard +watch +unwatch +evalsha +eval +script|load +script|exists +time +get +set +incrby +del +pexpire +xadd +xlen +hget +hset +hdel +hgetall ~$k:meta ~$k:train ~$k:val ~$k:val:done ~$k:val:lock ~$k:train:max_backlog ~$k:train:produced ~$k:train:reserved ~$k:producer:* %R~$k:stage
 user trainer on #$trainer resetchannels -@all $setinfo +ping +get +set +xrange +xadd +hincrby +hmget +hdel %R~$k:meta %R~$k:val %R~$k:val:done %R~$k:train:max_backlog ~$k:stage ~$k:dead ~$k:train:failures:* (~$k:train -@all +xreadgroup +xack +xdel +xautoclaim +xclaim +xpending +xinfo|consumers +xgroup|create +xgroup|delconsumer +xlen)
-user exporter on #$exporter resetchannels -@all $setinfo +ping +select +client|setname +info +config|get +slowlog|get +slowlog|len +latency|latest +client|list +dbsize +type +xinfo +xlen +strlen +hlen %R~$k:*
+user exporter on #$exporter resetchannels -@all $setinfo +ping +select +client|setname +info +config|get +slowlog|get +slowlog|len +latency|latest +latency|histogram +client|list +dbsize +type +xinfo +xlen +strlen +hlen %R~$k:*
 user autoscaler on #$autoscaler resetchannels -@all $setinfo +ping +xlen %R~$k:train
 user admin on #$admin ~* &* +@all
 ACL
