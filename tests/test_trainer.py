@@ -435,6 +435,39 @@ def test_resume_gives_the_same_next_steps(redis7, shakespeare, start_producer, t
         ]
 
 
+def test_every_stage_reports_nothing_consumed_before_the_first_step(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """A rank hung before its first step still has its consumed-batches series, at 0, so
+    the TrainerStalled alert (a rate of 0) can see it: a counter with labels otherwise has
+    no series until its first increment."""
+    from prometheus_client import REGISTRY
+
+    producer = start_producer(
+        f"--redis_url={redis7.url}", *SMALL, f"--corpus_path={shakespeare}", "--metrics_port=0"
+    )
+    client = connect(redis7.url, block_s=1.0)
+    meta = wait_for_contract(client, KEYS, threading.Event())
+    producer.terminate()
+    settings = load_settings(
+        [f"--redis_url={redis7.url}", *SMALL, f"--out_dir={tmp_path}", "--trainer_metrics_port=0"],
+        env={},
+        service=TrainerConfig,
+    )
+    rank = Dist(rank=7)  # a label no other test's trainer in this process uses
+    trainer = Trainer(settings, threading.Event(), meta, client=client, dist_info=rank, device=CPU)
+    trainer.feed.close()
+    stages = len(meta["stages"]["train"])
+    assert stages == 2
+    values = [
+        REGISTRY.get_sample_value(
+            "maskstream_consumed_batches_total", {"rank": "7", "stage": str(stage)}
+        )
+        for stage in range(stages)
+    ]
+    assert values == [0.0, 0.0]
+
+
 def test_waiting_without_producers_then_stopping(redis7, tmp_path):
     """No contract in Redis yet: the trainer waits, and SIGTERM ends it cleanly."""
     proc = subprocess.Popen(

@@ -352,6 +352,10 @@ class Trainer:
         )
         self.last_bound: Bound | None = None
         self.rank_label = str(self.d.rank)
+        # Each stage's series from the start, at 0: a rank that never trains a step still
+        # reports "nothing consumed" (the TrainerStalled alert), not "no series".
+        for stage in range(self.n_stages):
+            metrics.CONSUMED_BATCHES.labels(self.rank_label, str(stage))
         self.max_backlog = settings.max_backlog  # start() puts the producers' published bound
         self._fail_on = _fail_on()
         self._gauges_stop = threading.Event()
