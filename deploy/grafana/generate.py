@@ -357,6 +357,14 @@ def pipeline() -> Board:
             "stage {{stage}}",
         ),
     )
+    b.graph(
+        "Rate limit per producer",
+        "ops",
+        "Each producer's rate_limit setting in batches/s (0: none), beside what it sends: a "
+        "producer held at its limit cannot catch up with a faster trainer.",
+        Query("max by (producer) (maskstream_producer_rate_limit)", "limit {{producer}}"),
+        width=24,
+    )
 
     b.row("Autoscaler")
     b.graph(
@@ -450,6 +458,24 @@ def pipeline() -> Board:
         Query("sum(maskstream_dead_letters_total) or vector(0)", "dead-lettered by trainers"),
     )
     b.graph(
+        "Lost records, failed steps, skipped validation entries",
+        "ops",
+        "Bad entries removed without a dead-letter record (Redis refused it: alert "
+        "DeadLettersLost), training steps that raised (counted against their entries), and "
+        "validation entries left out of evaluation for failing their checks.",
+        Query(
+            f"{rate('maskstream_dead_letters_lost_total', by='reason')}"
+            ' or label_replace(vector(0), "reason", "none", "", "")',
+            "dead-letter record lost: {{reason}}",
+        ),
+        Query(f"{rate('maskstream_step_failures_total')} or vector(0)", "failed steps"),
+        Query(
+            f"{rate('maskstream_validation_entries_skipped_total', by='reason')}"
+            ' or label_replace(vector(0), "reason", "none", "", "")',
+            "validation skipped: {{reason}}",
+        ),
+    )
+    b.graph(
         "Reclaims and double acks",
         "ops",
         "Entries taken back by restarted ranks (their own pending ones, then idle ones of "
@@ -472,6 +498,17 @@ def pipeline() -> Board:
         "ops",
         "Commands processed by Redis per second.",
         Query(rate("redis_commands_processed_total"), "commands"),
+    )
+    b.graph(
+        "Redis as the services see it",
+        "short",
+        "Trainer ranks waiting out a Redis outage or a full Redis now, trainer outages per "
+        "second, and producer sends Redis refused at maxmemory per second (waited out as "
+        "backpressure).",
+        Query("count(maskstream_trainer_redis_up == 0) or vector(0)", "trainer ranks waiting"),
+        Query(f"{rate('maskstream_trainer_redis_outages_total')} or vector(0)", "outages/s"),
+        Query(f"{rate('maskstream_producer_redis_full_total')} or vector(0)", "refused sends/s"),
+        width=24,
     )
     return b
 
