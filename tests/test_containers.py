@@ -842,6 +842,30 @@ LINUX_TAGS = [f"manylinux_2_{minor}_x86_64" for minor in range(28, 4, -1)] + [
 
 @pytest.mark.container
 @pytest.mark.slow
+def test_the_cuda_trainer_image_refuses_a_cpu_torch(stack, pytestconfig):
+    """With the CPU wheel in the wheel directory (as for the CPU image), the CUDA image's
+    torch==2.13.0 resolves to it: a local version matches its public one and sorts above
+    it. The build stops at that layer and says so, rather than give an image that fails
+    only on a GPU machine."""
+    wheels = sorted((REPO / "deploy/docker/wheels").glob("torch-*+cpu-*.whl"))
+    assert wheels, "needs the torch CPU wheel in deploy/docker/wheels (pip's find-links)"
+    log = stack.log.with_name("cuda-guard.log")
+    env = {**stack.env, "TORCH_SPEC": "torch==2.13.0", "TORCH_INDEX_URL": ""}
+    cmd = [*stack.compose, "--profile", "gpu", "build", "trainer"]
+    started = time.monotonic()
+    with log.open("w") as out:
+        code = subprocess.run(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1200
+        ).returncode
+    text = log.read_text()
+    assert code != 0, text[-3000:]
+    assert "torch 2.13.0+cpu cuda None" in text, text[-3000:]
+    assert "TORCH_SPEC=torch==2.13.0 installed a CPU build of torch (2.13.0+cpu)" in text
+    _say(pytestconfig, f"CUDA trainer with a CPU wheel refused: {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.container
+@pytest.mark.slow
 def test_cuda_trainer_requirement_resolves(tmp_path, pytestconfig):
     """The CUDA trainer image's torch, as its Dockerfile asks for it, resolves on PyPI for
     Linux x86_64 / CPython 3.11 to a CUDA build (metadata only: nothing is downloaded but
