@@ -4,8 +4,8 @@ An outage, a restart, a server still loading its AOF or a full server
 (``maxmemory``) pass: services back off and try again, logging once when the
 state changes. So does a key of ours that someone replaced with another kind of
 value (WRONGTYPE): services wait, saying which, until an operator deletes it. A
-refused password or a missing permission never passes by itself: services stop
-with exit code 2 and a message naming the setting.
+refused password, a missing permission or a database number the server lacks never
+passes by itself: services stop with exit code 2 and a message naming the setting.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from redis.exceptions import (
     OutOfMemoryError,
 )
 
-from shared.streams import TRANSIENT_ERRORS, Backoff, WrongTypeError
+from shared.streams import TRANSIENT_ERRORS, Backoff, DatabaseIndexError, WrongTypeError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ REFUSED: tuple[type[Exception], ...] = (
     AuthorizationError,
     AuthenticationWrongNumberOfArgsError,
     NoPermissionError,
+    DatabaseIndexError,
 )
 # At maxmemory with noeviction Redis refuses writes that grow memory: that is
 # backpressure, which consumers' acks and deletes relieve.
@@ -48,6 +49,12 @@ PASSING: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, *FULL, WrongTypeError
 def refusal_message(exc: Exception, service: str, user: str | None = None) -> str:
     """What to fix when Redis refuses ``service``'s credentials or a command.
     ``user``: the Redis ACL user it connected as (redis_username), named in the message."""
+    if isinstance(exc, DatabaseIndexError):
+        return (
+            f"{service}: Redis has no database of the number redis_url names ({exc}). The "
+            "number after the port (redis://host:6379/0) must be below the server's "
+            "`databases` setting (16 unless configured); 0 is always there."
+        )
     who = f"user {user!r}" if user else "its Redis user (redis_username, else the URL's)"
     if isinstance(exc, NoPermissionError):
         # Redis 7.0 names the command when the command is denied, but not which command

@@ -28,6 +28,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from shared.codec import DEFAULT_MAX_BYTES
 from shared.masking import AnyStage, BernoulliStage, Stage
@@ -50,6 +51,8 @@ class _Base(BaseSettings):
         case_sensitive=False,
         validate_default=True,
         env_parse_none_str="null",
+        # inf and nan are no rate, bound or time anyone means: refused with the field's name.
+        allow_inf_nan=False,
     )
 
     def public_dict(self) -> dict[str, Any]:
@@ -121,7 +124,7 @@ class RunSettings(_Base):
         description="address the metrics server listens on (containers: 0.0.0.0 on the "
         "stack's network; native runs: loopback, nothing exposed)",
     )
-    seed: int = Field(1337, ge=0, description="root seed of every random stream")
+    seed: int = Field(1337, ge=0, le=2**32 - 1, description="root seed of every random stream")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_interval_s: float = Field(10.0, gt=0, description="seconds between summary log lines")
 
@@ -130,8 +133,24 @@ class RunSettings(_Base):
     @field_validator("redis_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("unix:// needs the socket's path, as in unix:///run/redis.sock")
+            return value
+        try:
+            parts.port  # noqa: B018 - urllib checks the port when it is read
+        except ValueError:
+            raise ValueError(
+                "its port must be a number from 0 to 65535, as in redis://localhost:6379/0"
+            ) from None
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(
+                f"its path is the database number, not {database!r}: redis://localhost:6379/0"
+            )
         return value
 
     @field_validator("log_level", mode="before")
@@ -533,7 +552,12 @@ def parse_cli(argv: list[str]) -> tuple[dict[str, Any], bool]:
             if fields[key].annotation is not bool:
                 raise SettingsError(f"--{key} needs a value: --{key}=<value>")
             value = "true"
-        if value[:1] in "[{":
+        if not value:
+            raise SettingsError(
+                f"--{key}= is empty: give it a value (--{key}=<value>), or leave it out for "
+                "the preset's or the default"
+            )
+        if value[0] in "[{":
             try:
                 overrides[key] = json.loads(value)
                 continue
@@ -623,6 +647,16 @@ def load_settings(
     except ValidationError as exc:
         lines = "\n".join(_describe(e) for e in exc.errors())
         raise SettingsError(f"invalid settings:\n{lines}") from None
+    except PydanticSettingsError as exc:
+        # An environment variable of a list or table setting that is not JSON.
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field[1] if field else "a list or table setting"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise SettingsError(
+            f"invalid settings:\n  the {name.upper()} environment variable is not valid "
+            f'JSON{cause} (give {name} as JSON, e.g. {name.upper()}=\'[{{"type": "random"}}]\' '
+            "for stages, or unset it)"
+        ) from None
     finally:
         _preset_values.reset(preset_token)
         _environ.reset(environ_token)

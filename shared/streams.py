@@ -49,17 +49,27 @@ class WrongTypeError(ResponseError):
     either; an operator must delete the key, and until then services wait."""
 
 
-def _register_wrong_type() -> None:
-    """Make redis-py raise :class:`WrongTypeError` for WRONGTYPE replies (it has no class of
-    its own for them; its parsers, hiredis's included, map error codes through this table)."""
+class DatabaseIndexError(ResponseError):
+    """``ERR DB index is out of range``: redis_url names a database the server does not
+    have (its path, ``/0``, must be below the server's ``databases``). A setting to fix."""
+
+
+def _register_error_classes() -> None:
+    """Make redis-py raise :class:`WrongTypeError` for WRONGTYPE replies and
+    :class:`DatabaseIndexError` for a database out of range (it has no class of its own for
+    either; its parsers, hiredis's included, map error codes and messages through this
+    table)."""
     try:
         from redis._parsers.base import BaseParser
-    except ImportError:  # another redis-py layout: WRONGTYPE stays a plain ResponseError
+    except ImportError:  # another redis-py layout: both stay plain ResponseErrors
         return
     BaseParser.EXCEPTION_CLASSES.setdefault("WRONGTYPE", WrongTypeError)
+    by_message = BaseParser.EXCEPTION_CLASSES.get("ERR")
+    if isinstance(by_message, dict):
+        by_message.setdefault("DB index is out of range", DatabaseIndexError)
 
 
-_register_wrong_type()
+_register_error_classes()
 
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -206,6 +216,8 @@ def connect(
     jittered retries for short network blips. ``on_connect`` replaces the
     connection handshake (it must call ``connection.on_connect()``) and runs on
     every new connection, reconnections included."""
+    # TCP keepalive is a TCP socket's option: a unix socket's connection refuses it.
+    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
     client = redis.Redis.from_url(
         url,
         redis_connect_func=on_connect,
@@ -213,7 +225,7 @@ def connect(
         **({"username": username} if username else {}),
         socket_timeout=max(10.0, block_s + 5.0),
         socket_connect_timeout=2.0,
-        socket_keepalive=True,
+        **tcp,
         health_check_interval=30,
         retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],

@@ -101,6 +101,13 @@ def test_no_stages_means_classic_bert_at_mask_probability():
             ["spans", "Extra inputs are not permitted"],
         ),
         (["--redis_url=http://x"], ["redis_url", "redis://"]),
+        (["--redis_url=redis://h:notaport/0"], ["redis_url", "port must be a number"]),
+        (["--redis_url=redis://h:6379/x"], ["redis_url", "database number, not 'x'"]),
+        (["--redis_url=unix://"], ["redis_url", "socket's path"]),
+        (["--learning_rate=inf"], ["learning_rate", "finite number"]),
+        (["--rate_limit=nan"], ["rate_limit", "finite number"]),
+        (["--seed=99999999999999999999999"], ["seed", "less than or equal to 4294967295"]),
+        (["--out_dir="], ["--out_dir= is empty", "leave it out"]),
         (["--n_embd=100", "--n_head=8"], ["n_embd=100", "multiple of n_head=8"]),
         (["--batchsize=3"], ["unknown setting 'batchsize'", "batch_size"]),
         (["--preset=nonexistent"], ["no such preset", "char_diffusion"]),
@@ -231,3 +238,11 @@ def test_password_in_url_moves_to_the_secret():
     s = load_settings([], env={"REDIS_URL": "redis://user:p%40ss@h:1/0"})
     assert s.redis_url == "redis://user@h:1/0"
     assert s.redis_password.get_secret_value() == "p@ss"
+
+
+def test_an_environment_list_that_is_not_json_names_its_variable():
+    with pytest.raises(SettingsError) as err:
+        load_settings([], env={"UNMASKING_STAGES": "notjson"})
+    message = str(err.value)
+    assert "UNMASKING_STAGES environment variable is not valid JSON" in message
+    assert "Expecting value" in message

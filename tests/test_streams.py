@@ -331,6 +331,33 @@ def test_transient_errors_surface_as_connection_errors(redis_server):
     assert client.ping()  # the same client reconnects by itself
 
 
+def test_a_unix_socket_url_connects_and_reads_entries_as_tcp_does(redis_server, tmp_path):
+    """unix:// is a documented redis_url: a unix socket's connection takes no TCP keepalive,
+    and the stream callbacks (repeated field names) are installed on it too."""
+    sock = tmp_path / "redis.sock"
+    redis_server.stop()
+    redis_server.extra_args += ["--unixsocket", str(sock), "--unixsocketperm", "700"]
+    redis_server.start()
+    client = connect(f"unix://{sock}", block_s=1.0)
+    client.execute_command("XADD", "s", "*", "d", "a", "d", "b")
+    [(_, fields)] = client.xrange("s")
+    assert list(fields.names) == [b"d", b"d"]
+
+
+def test_a_database_the_server_lacks_is_a_setting_to_fix(redis_server):
+    """redis_url's /99 on a server of 16 databases: refused at the handshake as a
+    DatabaseIndexError, one of the faults a human must fix (REFUSED, exit code 2)."""
+    from shared.faults import REFUSED, refusal_message
+    from shared.streams import DatabaseIndexError
+
+    client = connect(redis_server.url.removesuffix("/0") + "/99", retries=1)
+    with pytest.raises(DatabaseIndexError) as err:
+        client.ping()
+    assert isinstance(err.value, REFUSED)
+    message = refusal_message(err.value, "producer")
+    assert "redis_url" in message and "databases" in message
+
+
 def test_deleted_entry_of_a_dead_consumer_is_cleared(redis_server):
     """On Redis 6.2 XAUTOCLAIM returns deleted entries without their ids."""
     client = connect(redis_server.url)
