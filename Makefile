@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(TORCH_CHANGED)
 	@touch $@
 
 demo: install ## the main job here: private Redis, 2 producers, a CPU trainer, a sample (CORPUS_PATH=file.txt: local corpus)
-	$(PY) -m services.local --preset=tiny $(ARGS)
+	$(PY) -m services.local --preset=tiny --init_from=scratch $(ARGS)
 
 test: install ## every test but the container and chaos suites (real redis-server; slow ones included)
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)

@@ -243,7 +243,13 @@ def main(argv: list[str]) -> int:
         trainer_log = OUT / "trainer.log"
         trainer = spawn(
             "services.trainer.launch",
-            [f"--nproc_per_node={o.nproc}", *args, "--trainer_metrics_port=0"],
+            # Its own folder, started over each run.
+            [
+                f"--nproc_per_node={o.nproc}",
+                *args,
+                "--trainer_metrics_port=0",
+                "--init_from=scratch",
+            ],
             trainer_log,
         )
         stop_echo = threading.Event()

@@ -50,7 +50,15 @@ def run_local(name: str, args: list[str], reuse: bool) -> tuple[float, float, fl
         return (*final_bound(checkpoint), math.nan, "")
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "services.local", *args, f"--out_dir={OUT / name}"],
+        # Its own folder, started over each time (--reuse reads it instead).
+        [
+            sys.executable,
+            "-m",
+            "services.local",
+            *args,
+            f"--out_dir={OUT / name}",
+            "--init_from=scratch",
+        ],
         cwd=REPO,
         env=child_env(),
         capture_output=True,

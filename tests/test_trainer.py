@@ -468,6 +468,28 @@ def test_every_stage_reports_nothing_consumed_before_the_first_step(
     assert values == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("module", ["services.trainer", "services.local"])
+def test_a_checkpoint_is_not_replaced_by_the_default(tmp_path, module):
+    """init_from's default ("scratch") on an out_dir that holds a checkpoint: exit 2 with
+    the choices, the file untouched, nothing started; an explicit --init_from=scratch is
+    the way to replace it."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    ckpt = out_dir / "ckpt.pt"
+    ckpt.write_bytes(b"an earlier run's weights")
+    args = [sys.executable, "-m", module, *SMALL, f"--out_dir={out_dir}"]
+    proc = subprocess.run(
+        [*args, "--redis_url=redis://127.0.0.1:9/0"],  # never reached
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert f"{ckpt} holds the checkpoint of an earlier run" in said
+    assert "--init_from=resume continues it, --init_from=scratch replaces it" in said
+    assert ckpt.read_bytes() == b"an earlier run's weights"
+    assert "on port" not in said  # services.local started no Redis
+
+
 def test_waiting_without_producers_then_stopping(redis7, tmp_path):
     """No contract in Redis yet: the trainer waits, and SIGTERM ends it cleanly."""
     proc = subprocess.Popen(

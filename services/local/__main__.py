@@ -19,7 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-from services.trainer.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from services.trainer.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_path,
+    would_replace,
+)
 from services.trainer.elbo import Bound
 from shared.exit_codes import ExitCode
 from shared.lifecycle import child_env, die_with_parent
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv)
     except SettingsError as exc:
         print(f"local: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    if reason := would_replace(settings.out_dir, settings.init_from, settings.model_fields_set):
+        print(f"local: {reason}", file=sys.stderr)
         return ExitCode.CONFIG
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

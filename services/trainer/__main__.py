@@ -26,9 +26,11 @@ def _metrics_dir() -> str:
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _metrics_dir())
 
+import contextlib  # noqa: E402 - after the environment above
 import logging  # noqa: E402 - after the environment above
 import math  # noqa: E402 - after the environment above
 import sys  # noqa: E402 - after the environment above
+from pathlib import Path  # noqa: E402 - after the environment above
 
 from prometheus_client import multiprocess  # noqa: E402 - after the environment above
 
@@ -38,7 +40,9 @@ from services.trainer.checkpoint import (  # noqa: E402 - after the environment 
     OutDirInUse,
     hold_out_dir,
     remove_stale_temporaries,
+    would_replace,
 )
+from services.trainer.launch import EXIT_DIR_ENV  # noqa: E402 - after the environment above
 from services.trainer.train import StepFailed, Trainer, TrainerConfigError  # noqa: E402 - after the environment above
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
 from shared.exit_codes import ExitCode  # noqa: E402 - after the environment above
@@ -71,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.CONFIG
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(settings.log_level, f"trainer[rank{rank}]")
+    # Every rank: one that went on alone would wait for the others in the process group.
+    if reason := would_replace(settings.out_dir, settings.init_from, settings.model_fields_set):
+        log.error("%s", reason)
+        return ExitCode.CONFIG
     stop = stop_on_signals(log, "finishing this step, checkpointing, stopping")
     if rank == 0:  # the rank that writes the checkpoint
         try:
@@ -133,5 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     return ExitCode.OK
 
 
+def _report_exit(code: int) -> int:
+    """Under ``services.trainer.launch``: leave this rank's exit code where the launcher
+    reads it (torchrun itself exits 1 whatever code a failed rank had)."""
+    where = os.environ.get(EXIT_DIR_ENV)
+    if where and code:
+        with contextlib.suppress(OSError):
+            Path(where, f"rank{os.environ.get('RANK', '0')}").write_text(str(int(code)))
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_report_exit(main()))

@@ -48,6 +48,19 @@ def checkpoint_path(out_dir: Path) -> Path:
     return out_dir / CHECKPOINT_NAME
 
 
+def would_replace(out_dir: Path, init_from: str, fields_set: set[str]) -> str | None:
+    """Why a start must not go on: ``out_dir`` holds a checkpoint, and nobody asked to
+    start over (init_from is "scratch" only by default). A run started there again by
+    mistake would overwrite it silently; asking is cheap."""
+    path = checkpoint_path(out_dir)
+    if init_from != "scratch" or "init_from" in fields_set or not path.is_file():
+        return None
+    return (
+        f"{path} holds the checkpoint of an earlier run: --init_from=resume continues it, "
+        "--init_from=scratch replaces it, another --out_dir keeps it"
+    )
+
+
 def remove_stale_temporaries(out_dir: Path) -> int:
     """Delete what writes of a killed trainer left (``.ckpt.pt.*.tmp``, each the
     size of a checkpoint); call it holding :func:`hold_out_dir`, so no live

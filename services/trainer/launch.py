@@ -6,7 +6,10 @@ every rank checkpointed and exited 0; a container's restart policy or a script
 then sees a failure. This launcher runs torchrun in its own session and, on
 SIGTERM or Ctrl-C, signals the ranks directly: they finish their step,
 checkpoint and exit 0, and torchrun, seeing every rank succeed, exits 0. The
-launcher exits with torchrun's code. Every ``--key=value`` goes to the ranks.
+launcher exits with torchrun's code, or with a rank's own exit code 2 (a setting
+to fix) or 3 (another contract), which torchrun reports as 1. Every
+``--key=value`` goes to the ranks, checked here first so that a mistake is one
+clear message, not one per rank under a torchrun traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +27,8 @@ from pathlib import Path
 from shared.exit_codes import ExitCode
 
 GRACE_S = 120.0  # for the ranks to finish a step and checkpoint
+# Where each rank of this launch leaves its exit code when it is not 0 (rank<N>).
+EXIT_DIR_ENV = "MASKSTREAM_EXIT_DIR"
 
 
 def _children(pid: int) -> list[int]:
@@ -42,31 +48,76 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _default_nproc() -> int:
+def _gpu_count() -> int:
     try:
         import torch
 
-        return max(1, torch.cuda.device_count())
+        return torch.cuda.device_count()
     except ImportError:
-        return 1
+        return 0
+
+
+def _ranks_code(exit_dir: Path, torchrun_code: int) -> int:
+    """torchrun's code, unless a rank said more: its 2 or 3 (the highest, if both)."""
+    codes = []
+    for path in sorted(exit_dir.glob("rank*")):
+        with contextlib.suppress(OSError, ValueError):
+            codes.append((int(path.read_text()), path.name))
+    told = [(code, rank) for code, rank in codes if code in (ExitCode.CONFIG, ExitCode.CONTRACT)]
+    if torchrun_code == 0 or not told:
+        return torchrun_code
+    code, rank = max(told)
+    print(f"launch: {rank} exited {code} (its log above says why)", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shared.settings import SettingsError, TrainerConfig, load_settings
+
     argv = sys.argv[1:] if argv is None else argv
+    if "--nproc_per_node" in argv:
+        print("launch: give --nproc_per_node=N (or =gpu) as one argument", file=sys.stderr)
+        return ExitCode.CONFIG
     nproc = next((a.split("=", 1)[1] for a in argv if a.startswith("--nproc_per_node=")), None)
     settings = [a for a in argv if not a.startswith("--nproc_per_node=")]
+    try:
+        load_settings(settings, env=None, service=TrainerConfig, exit_on_help=False)
+    except SettingsError as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     if nproc is not None and nproc != "gpu" and not (nproc.isdigit() and int(nproc) >= 1):
         print(
             f"launch: --nproc_per_node={nproc}: use a positive integer, or gpu (one per GPU)",
             file=sys.stderr,
         )
         return ExitCode.CONFIG
+    if nproc in (None, "gpu"):
+        gpus = _gpu_count()
+        if nproc == "gpu" and not gpus:
+            print(
+                "launch: --nproc_per_node=gpu but torch sees no GPU: give a number of CPU "
+                "processes instead (--nproc_per_node=2 --device=cpu)",
+                file=sys.stderr,
+            )
+            return ExitCode.CONFIG
+        nproc = str(max(1, gpus))
+    exit_dir = Path(tempfile.mkdtemp(prefix="maskstream-launch-"))
+    try:
+        return _ranks_code(exit_dir, _run(nproc, settings, exit_dir))
+    finally:
+        for path in exit_dir.glob("*"):
+            path.unlink(missing_ok=True)
+        exit_dir.rmdir()
+
+
+def _run(nproc: str, settings: list[str], exit_dir: Path) -> int:
+    """torchrun with ``nproc`` ranks, stopped cleanly on SIGTERM or Ctrl-C; its code."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
-        f"--nproc_per_node={nproc or _default_nproc()}",
+        f"--nproc_per_node={nproc}",
         "--max-restarts=0",
         "-m",
         "services.trainer",
@@ -100,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     # Before torchrun starts: a signal in between must not orphan it.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    torchrun = subprocess.Popen(command, start_new_session=True)
+    torchrun = subprocess.Popen(
+        command, start_new_session=True, env={**os.environ, EXIT_DIR_ENV: str(exit_dir)}
+    )
     deadline: float | None = None
     while True:
         try:

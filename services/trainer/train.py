@@ -98,7 +98,7 @@ def init_distributed(device_setting: str) -> tuple[Dist, torch.device]:
         device_setting = "cuda" if torch.cuda.is_available() else "cpu"
     if device_setting.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but torch sees no GPU; use --device=cpu")
+            raise TrainerConfigError("device=cuda but torch sees no GPU: use --device=cpu or auto")
         index = d.local_rank if d.enabled else (torch.device(device_setting).index or 0)
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)

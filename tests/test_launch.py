@@ -1,0 +1,62 @@
+"""services.trainer.launch: mistakes are one clear message and exit 2, and a rank's own
+exit code 2 or 3 comes through torchrun (which reports any failed rank as 1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO, SMALL_RECIPE
+
+
+def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.trainer.launch", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--nproc_per_node=1", "--max_iter=5"], "unknown setting 'max_iter'"),
+        (["--nproc_per_node", "1"], "give --nproc_per_node=N (or =gpu) as one argument"),
+        (["--nproc_per_node=0"], "use a positive integer, or gpu"),
+        (["--nproc_per_node=1", "--learning_rate=-1"], "learning_rate"),
+    ],
+)
+def test_a_mistake_is_one_message_before_torchrun_starts(args, said):
+    proc = launch(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert said in proc.stderr
+    assert "torch.distributed" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_rank_per_gpu_without_a_gpu_says_what_to_give_instead():
+    if torch.cuda.is_available():
+        pytest.fail("this machine has a GPU: --nproc_per_node=gpu would start one rank per GPU")
+    proc = launch("--nproc_per_node=gpu")
+    assert proc.returncode == 2
+    assert "torch sees no GPU" in proc.stderr and "--nproc_per_node=2 --device=cpu" in proc.stderr
+
+
+def test_a_ranks_own_exit_code_comes_through_torchrun(tmp_path):
+    """device=cuda without a GPU: valid settings, but the rank stops with exit 2 (a setting
+    to fix); torchrun says 1, the launcher says 2."""
+    if torch.cuda.is_available():
+        pytest.fail("this machine has a GPU: the rank would not refuse device=cuda")
+    proc = launch(
+        "--nproc_per_node=1", *SMALL_RECIPE, "--device=cuda",
+        "--redis_url=redis://127.0.0.1:9/0", f"--out_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "device=cuda but torch sees no GPU" in proc.stdout + proc.stderr
+    assert "launch: rank0 exited 2" in proc.stderr
