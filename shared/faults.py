@@ -95,7 +95,9 @@ class RedisState:
                 log.warning(
                     "%s: Redis %s (%s); waiting it out",
                     self.name,
-                    "is full (maxmemory)" if isinstance(exc, FULL) else "is unavailable",
+                    "is full (maxmemory)"
+                    if isinstance(exc, FULL)
+                    else "is unavailable (check redis_url if it never answers)",
                     exc,
                 )
             if self.on_change is not None:

@@ -278,12 +278,24 @@ class AutoscalerSettings(_Base):
     checked once when the autoscaler starts."""
 
     prometheus_url: str = Field(
-        "http://prometheus:9090", description="where the autoscaler reads rates and wait shares"
+        "http://prometheus:9090",
+        description="where the autoscaler reads rates and wait shares (http:// or https://)",
     )
     autoscale_interval_s: float = Field(5.0, gt=0, description="seconds between decisions")
     rate_window: str = Field(
         "1m", pattern=r"^\d+[smh]$", description="PromQL range of the rates it acts on"
     )
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                "must be Prometheus's http:// or https:// URL, as in http://prometheus:9090"
+            )
+        return value
+
     min_producers: int = Field(1, ge=0)
     max_producers: int = Field(8, ge=1)
     starve_threshold: float = Field(

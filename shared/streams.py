@@ -266,7 +266,12 @@ def wait_for_redis(client: redis.Redis, stop: threading.Event, what: str = "Redi
             raise  # a refused password is no outage: the caller stops (shared/faults.py)
         except TRANSIENT_ERRORS as exc:
             delay = backoff.next_delay()
-            log.warning("%s unavailable (%s); retrying in %.1f s", what, exc, delay)
+            log.warning(
+                "%s unavailable (%s); retrying in %.1f s (check redis_url if it never answers)",
+                what,
+                exc,
+                delay,
+            )
             stop.wait(delay)
     return False
 

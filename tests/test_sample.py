@@ -361,3 +361,56 @@ def test_cli_refuses_a_corpus_with_another_vocabulary(
     torn.write_bytes(path.read_bytes()[:1000])
     assert main([f"--checkpoint={torn}"]) == 3
     assert f"checkpoint {torn} cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("n_layer", "two", "model_config.n_layer = 'two', not a positive integer"),
+        ("mask_token_id", "x", "mask_token_id = 'x', not an integer"),
+        ("model", ["weights"], "model is not a table of named tensors"),
+        ("itos", "abc", "itos is not a list of strings"),
+        ("history", {"a": 1}, "history is not a list of tables"),
+    ],
+)
+def test_a_checkpoint_with_a_field_of_the_wrong_kind_is_refused_by_name(
+    trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str], field, value, said
+) -> None:
+    state = torch.load(trained.checkpoint, weights_only=True)
+    if field == "n_layer":
+        state["model_config"][field] = value
+    else:
+        state[field] = value
+    path = tmp_path / "odd.pt"
+    torch.save(state, path)
+    assert main([f"--checkpoint={path}", "--length=4", "--steps=2"]) == 3
+    err = capsys.readouterr().err
+    assert f"checkpoint {path} has malformed fields: {said}" in err
+
+
+@pytest.mark.parametrize(
+    ("argument", "said"),
+    [
+        ("--elbo_windows=0", "--elbo_windows and --elbo_nodes must be >= 1"),
+        ("--elbo_nodes=-1", "--elbo_windows and --elbo_nodes must be >= 1"),
+        ("--temperature=nan", "--temperature must be a finite number >= 0, not nan"),
+        ("--temperature=inf", "--temperature must be a finite number >= 0, not inf"),
+        ("--seed=99999999999999999999999", "--seed must be from 0 to 2^63 - 1"),
+    ],
+)
+def test_arguments_are_checked_before_anything_is_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argument: str, said: str
+) -> None:
+    # The checkpoint does not exist: an argument refused first never gets to it.
+    assert main([f"--checkpoint={tmp_path / 'none.pt'}", "--elbo", argument]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_a_diffusion_judge_is_refused_before_sampling(
+    trained: Trained, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [f"--checkpoint={trained.checkpoint}", f"--judge={trained.checkpoint}", "--length=4"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "is a masked-diffusion checkpoint: the judge is an autoregressive one" in captured.err
+    assert "-- sample" not in captured.out  # nothing sampled first

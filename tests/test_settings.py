@@ -108,6 +108,7 @@ def test_no_stages_means_classic_bert_at_mask_probability():
         (["--rate_limit=nan"], ["rate_limit", "finite number"]),
         (["--seed=99999999999999999999999"], ["seed", "less than or equal to 4294967295"]),
         (["--out_dir="], ["--out_dir= is empty", "leave it out"]),
+        (["--prometheus_url=notaurl"], ["prometheus_url", "http:// or https:// URL"]),
         (["--n_embd=100", "--n_head=8"], ["n_embd=100", "multiple of n_head=8"]),
         (["--batchsize=3"], ["unknown setting 'batchsize'", "batch_size"]),
         (["--preset=nonexistent"], ["no such preset", "char_diffusion"]),

@@ -112,6 +112,44 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     return inner.state_dict()
 
 
+def _malformed(checkpoint: Checkpoint) -> str | None:
+    """What in a checkpoint's fields is not of its kind (weights_only loads any plain
+    values: a number where a string was, a list where the weights were), else None."""
+    config = checkpoint.model_config
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(config, name)
+        if type(value) is not int or value < 1:
+            return f"model_config.{name} = {value!r}, not a positive integer"
+    if type(config.dropout) not in (int, float) or not 0 <= config.dropout < 1:
+        return f"model_config.dropout = {config.dropout!r}, not a number in [0, 1)"
+    if type(config.causal) is not bool:
+        return f"model_config.causal = {config.causal!r}, not true or false"
+    if config.n_embd % config.n_head:
+        return f"model_config.n_embd = {config.n_embd} is no multiple of n_head = {config.n_head}"
+    weights = checkpoint.model
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items()
+    ):
+        return "model is not a table of named tensors"
+    if not isinstance(checkpoint.itos, list) or not all(
+        isinstance(c, str) for c in checkpoint.itos
+    ):
+        return "itos is not a list of strings"
+    if type(checkpoint.mask_token_id) is not int:
+        return f"mask_token_id = {checkpoint.mask_token_id!r}, not an integer"
+    for name in ("iter_num", "tokens"):
+        if type(getattr(checkpoint, name)) is not int:
+            return f"{name} = {getattr(checkpoint, name)!r}, not an integer"
+    for name in ("meta", "stage", "stream", "settings"):
+        if not isinstance(getattr(checkpoint, name), dict):
+            return f"{name} is not a table"
+    if not isinstance(checkpoint.history, list) or not all(
+        isinstance(h, dict) for h in checkpoint.history
+    ):
+        return "history is not a list of tables"
+    return None
+
+
 @dataclass
 class Checkpoint:
     """Everything a run needs to resume, and a sampler needs to generate."""
@@ -172,17 +210,25 @@ class Checkpoint:
     # ------------------------------------------------------------ reading
 
     @classmethod
-    def load(cls, path: Path, device: str | torch.device = "cpu") -> Checkpoint:
-        """Read and check ``path``; every problem is a :class:`CheckpointError`."""
+    def load(
+        cls,
+        path: Path,
+        device: str | torch.device = "cpu",
+        missing: str = "train first, or use --init_from=scratch",
+    ) -> Checkpoint:
+        """Read and check ``path``; every problem is a :class:`CheckpointError`.
+        ``missing``: what to do when there is no file (the caller's own advice)."""
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(
-                f"no checkpoint at {path}: train first, or use --init_from=scratch"
-            )
+            raise CheckpointError(f"no checkpoint at {path}: {missing}")
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:  # torn files and foreign pickles fail in many types
-            raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}): not a whole "
+                "torch checkpoint of plain values (truncated, still being written, another "
+                "kind of file, or one that would run code on loading)"
+            ) from exc
         return cls.from_state(state, path)
 
     @classmethod
@@ -201,6 +247,8 @@ class Checkpoint:
             checkpoint = cls(**{**values, "model_config": config})
         except (TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"checkpoint {path} has malformed fields: {exc}") from exc
+        if problem := _malformed(checkpoint):
+            raise CheckpointError(f"checkpoint {path} has malformed fields: {problem}")
         itos, mask_id = checkpoint.itos, checkpoint.mask_token_id
         if len(itos) != config.vocab_size or not 0 <= mask_id < len(itos):
             raise CheckpointError(

@@ -47,7 +47,9 @@ def load_model(path: str | Path, device: str | torch.device) -> tuple[MaskedLM, 
     """The model of a trainer checkpoint, on ``device`` and in eval mode, and the
     checkpoint itself (itos, mask_token_id, iter_num, settings, ...). Raises
     ``CheckpointError`` for a missing or unreadable file."""
-    checkpoint = Checkpoint.load(Path(path), device)
+    checkpoint = Checkpoint.load(
+        Path(path), device, missing="give the ckpt.pt a training run wrote (out_dir/ckpt.pt)"
+    )
     return checkpoint.build_model(device).eval(), checkpoint
 
 
@@ -397,11 +399,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every argument's range, before anything is loaded or sampled."""
     if (args.length is not None and args.length < 0) or args.steps < 1 or args.eval_windows < 1:
         raise SampleError("--length must be >= 0, --steps and --eval_windows >= 1")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise SampleError("--temperature must be >= 0 and --top_k >= 1")
+    if args.elbo_windows < 1 or args.elbo_nodes < 1:
+        raise SampleError("--elbo_windows and --elbo_nodes must be >= 1")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise SampleError(f"--temperature must be a finite number >= 0, not {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise SampleError("--top_k must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        raise SampleError(f"--seed must be from 0 to 2^63 - 1, not {args.seed}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    _check_arguments(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SampleError("--device=cuda but no CUDA device is available; use --device=cpu")
     device = args.device
@@ -411,6 +424,19 @@ def _run(args: argparse.Namespace) -> None:
     model, checkpoint = load_model(args.checkpoint, device)
     itos: list[str] = list(checkpoint.itos)
     mask_id = checkpoint.mask_token_id
+    judge = None
+    if args.judge is not None:  # checked before sampling, which can take a while
+        judge, judged = load_model(args.judge, device)
+        if not judge.config.causal:
+            raise SampleError(
+                f"--judge={args.judge} is a masked-diffusion checkpoint: the judge is an "
+                "autoregressive one (a run with --objective=ar)"
+            )
+        if list(judged.itos) != itos:
+            raise SampleError(
+                f"--judge={args.judge} has another vocabulary than --checkpoint: judge with an "
+                "autoregressive run on the same corpus"
+            )
     stoi = {s: i for i, s in enumerate(itos) if i != mask_id}
     unknown = sorted({c for c in args.prompt if c not in stoi})
     if unknown:
@@ -470,13 +496,7 @@ def _run(args: argparse.Namespace) -> None:
     print("--")
     generated = text[len(args.prompt) :]
     print(f"entropy of the generated text: {sample_entropy(generated):.3f} bits/char")
-    if args.judge is not None:
-        judge, judged = load_model(args.judge, device)
-        if not judge.config.causal or list(judged.itos) != itos:
-            raise SampleError(
-                f"--judge={args.judge} must be an autoregressive checkpoint (objective=ar) "
-                "with the same vocabulary"
-            )
+    if judge is not None:
         nll = judge_nll(judge, ids.tolist(), len(args.prompt))
         print(
             f"judge NLL of the generated text: {nll:.4f} nats/char "
