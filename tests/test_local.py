@@ -71,7 +71,8 @@ def test_a_producer_that_cannot_start_ends_the_run_with_its_code(tmp_path):
     (out_dir / "ckpt.pt").write_bytes(b"an earlier run's checkpoint")
     run = subprocess.run(
         [sys.executable, "-m", "services.local", "--preset=tiny",
-         f"--corpus_path={tmp_path / 'no-such-corpus.txt'}", f"--out_dir={out_dir}"],
+         f"--corpus_path={tmp_path / 'no-such-corpus.txt'}", f"--out_dir={out_dir}",
+         "--init_from=scratch"],
         cwd=REPO,
         capture_output=True,
         text=True,
