@@ -127,16 +127,25 @@ def redis_plain(tmp_path):
 def test_producers_killed_again_and_again(redis_plain, shakespeare, start_producer, tmp_path):
     fleet = producers(start_producer, redis_plain, shakespeare, 3)
     trainer = Trainer(trainer_args(redis_plain, tmp_path, 120), tmp_path / "trainer.log")
+    client = redis_plain.client()
     rng = random.Random(7)
     for kill in range(5):
         progress(trainer, 10 + 20 * kill, 120)
         victim = fleet.pop(rng.randrange(len(fleet)))
         victim.kill()
         fleet += producers(start_producer, redis_plain, shakespeare, 1)
+        # Each replacement takes a new id (whether it gets room in a full queue before the
+        # trainer is done is up to timing).
+        wait_until(
+            lambda n=4 + kill: int(client.get(KEYS.producer_counter) or 0) >= n,
+            60,
+            "the replacement producer's id",
+        )
     finish(trainer, fleet)
-    client = redis_plain.client()
     accounts = close_accounts(client, acked_entries(tmp_path / "acks" / "log"))
-    assert accounts["acked"] == 120 * 2 and len(client.hgetall(KEYS.produced)) >= 8
+    assert accounts["acked"] == 120 * 2
+    assert int(client.get(KEYS.producer_counter)) == 8  # 3 + 5 replacements, ids never reused
+    assert len(client.hgetall(KEYS.produced)) >= 3
 
 
 @pytest.mark.parametrize("ack_policy", ["step", "checkpoint"])
