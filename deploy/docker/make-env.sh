@@ -15,8 +15,7 @@ if [ ! -f .env ]; then
     (umask 077 && cp .env.example .env)
     echo "make-env: wrote .env from .env.example (edit it to change settings)"
 fi
-load_dotenv  # SECRETS_DIR, as compose reads it
-secrets=${SECRETS_DIR:-.secrets}
+secrets=$(setting SECRETS_DIR .secrets)  # where compose will look for them
 
 random_password() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
 

@@ -6,7 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . deploy/docker/dotenv.sh
-load_dotenv  # COMPOSE_PROJECT_NAME
 n=${1:?usage: scale.sh N}
 [[ "$n" =~ ^[0-9]+$ ]] || { echo "scale.sh: N must be a number, not '$n'" >&2; exit 2; }
 
@@ -14,7 +13,7 @@ deploy/docker/compose.sh up -d --no-recreate --scale "producer=$n"
 
 cmd=$(deploy/docker/compose.sh --which)
 if [[ "$cmd" == *podman-compose ]]; then
-    project=${COMPOSE_PROJECT_NAME:-maskstream}
+    project=$(setting COMPOSE_PROJECT_NAME maskstream)
     podman ps -a --filter "label=io.podman.compose.project=$project" \
         --filter "label=io.podman.compose.service=producer" \
         --format '{{.Labels}} {{.Names}}' |

@@ -50,15 +50,13 @@ fi
 case "$mode" in
 container)
     deploy/docker/make-env.sh
-    load_dotenv
     # The GPU trainer's profile in place of the CPU one's; any other (autoscale) stays.
-    others=$(tr ',' '\n' <<<"${COMPOSE_PROFILES:-}" | grep -vx -e cpu -e gpu -e '' | paste -sd, -)
-    profiles=gpu${others:+,$others}
+    profiles=$(with_trainer gpu "$(setting COMPOSE_PROFILES "")")
     echo "train-gpu: compose stack with the GPU trainer, preset $PRESET, profiles $profiles"
-    COMPOSE_PROFILES=cpu,gpu,autoscale${others:+,$others} deploy/docker/compose.sh down --remove-orphans
+    COMPOSE_PROFILES=cpu,autoscale,$profiles deploy/docker/compose.sh down --remove-orphans
     # Redis keeps its data on a volume (append-only file): a new preset needs it empty.
     "$(deploy/docker/compose.sh --engine)" volume rm -f \
-        "${COMPOSE_PROJECT_NAME:-maskstream}_redis-data" >/dev/null 2>&1 || true  # none yet
+        "$(setting COMPOSE_PROJECT_NAME maskstream)_redis-data" >/dev/null 2>&1 || true  # none yet
     set_dotenv COMPOSE_PROFILES "$profiles"
     set_dotenv PRESET "$PRESET"
     echo "train-gpu: .env now says COMPOSE_PROFILES=$profiles and PRESET=$PRESET"
@@ -68,12 +66,10 @@ container)
 native)
     if [ -z "${REDIS_URL:-}" ]; then
         # Only what names the stack's Redis comes from .env: the rest of it is the stack's.
-        port=${REDIS_PORT:-$(dotenv_value REDIS_PORT)}
-        export REDIS_URL="redis://localhost:${port:-6379}/0"
+        export REDIS_URL="redis://localhost:$(setting REDIS_PORT 6379)/0"
         if [ -z "${REDIS_PASSWORD:-}${REDIS_PASSWORD_FILE:-}" ]; then
-            secrets=${SECRETS_DIR:-$(dotenv_value SECRETS_DIR)}
             export REDIS_USERNAME=${REDIS_USERNAME:-trainer}
-            export REDIS_PASSWORD_FILE=${secrets:-.secrets}/redis-trainer
+            export REDIS_PASSWORD_FILE=$(setting SECRETS_DIR .secrets)/redis-trainer
         fi
     fi
     native_gpu || {

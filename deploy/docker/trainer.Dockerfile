@@ -10,6 +10,9 @@
 #                    e.g. TORCH_SPEC=torch==2.13.0+cu126 with
 #                    TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126.
 #                    The CPU image uses torch==2.13.0+cpu.
+#   TORCH_VARIANT    cuda (default) or cpu: the build the image is for. A cuda image whose
+#                    torch turns out a CPU build (a +cpu wheel in WHEEL_DIR satisfies
+#                    torch==2.13.0) fails to build, naming the cause.
 #   TORCH_INDEX_URL  the index torch and its own dependencies come from, instead of PyPI
 #                    (--index-url, never an extra index: one index per step, so no package
 #                    name can be shadowed from another), e.g. https://download.pytorch.org/whl/cpu
@@ -27,6 +30,7 @@ FROM ${BASE_IMAGE}
 LABEL maskstream.image=trainer
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=
+ARG TORCH_VARIANT=cuda
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
@@ -40,7 +44,7 @@ COPY deploy/docker/check-torch.py /usr/local/lib/check-torch.py
 RUN --mount=type=bind,from=wheels,target=/wheels \
     pip install --find-links /wheels \
         ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" \
-    && python -W ignore /usr/local/lib/check-torch.py "$TORCH_SPEC"
+    && python -W ignore /usr/local/lib/check-torch.py "$TORCH_SPEC" "$TORCH_VARIANT"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

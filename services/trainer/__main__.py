@@ -75,10 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.CONFIG
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(settings.log_level, f"trainer[rank{rank}]")
-    # Every rank: one that went on alone would wait for the others in the process group.
-    if reason := would_replace(settings.out_dir, settings.init_from, settings.model_fields_set):
-        log.error("%s", reason)
-        return ExitCode.CONFIG
     stop = stop_on_signals(log, "finishing this step, checkpointing, stopping")
     if rank == 0:  # the rank that writes the checkpoint
         try:
@@ -93,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.CONFIG
         if freed := remove_stale_temporaries(settings.out_dir):
             log.info("removed %.1f MB of checkpoint writes a killed trainer left", freed / 1e6)
+    # Every rank (after rank 0 took the lock: a live trainer there is named as such); one
+    # that went on alone would wait for the others in the process group.
+    if reason := would_replace(settings.out_dir, settings.init_from, settings.model_fields_set):
+        log.error("%s", reason)
+        return ExitCode.CONFIG
     try:
         trainer = Trainer.start(settings, stop)
     except (ContractMismatch, CheckpointError, TrainerConfigError, *REFUSED) as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _ranks_code(exit_dir, _run(nproc, settings, exit_dir))
     finally:
-        for path in exit_dir.glob("*"):
-            path.unlink(missing_ok=True)
-        exit_dir.rmdir()
+        shutil.rmtree(exit_dir, ignore_errors=True)
 
 
 def _run(nproc: str, settings: list[str], exit_dir: Path) -> int:
