@@ -50,6 +50,14 @@ class EntryValidator:
         self.schema = schema_of(meta)
         self.max_bytes = max_bytes
         self.n_stages = len(meta["stages"][split])
+        # A uniform stage draws t from [min_ratio, 1]: a smaller t would let one
+        # row's ELBO weight 1/(t*T) swamp the step. Compared in float32, the
+        # dtype producers round t to (t = min_ratio exactly rounds the same way).
+        self.min_ratio = {
+            i: np.float32(stage.get("min_ratio", 0.0))
+            for i, stage in enumerate(meta["stages"][split])
+            if stage.get("type") == "uniform"
+        }
         # Token rules of a character vocabulary; a contract without them
         # (another dataset) gets the structural checks only.
         self.vocab_size: int | None = meta.get("vocab_size")
@@ -81,17 +89,18 @@ class EntryValidator:
                 raise CodecError(
                     "bad_stage", f"stage {batch.stage}, the {self.split} split has {self.n_stages}"
                 )
-            self._check_tokens(batch.tensors)
+            self._check_tokens(batch.tensors, self.min_ratio.get(batch.stage, np.float32(0.0)))
         except CodecError as exc:
             exc.producer, exc.seq = batch.producer, batch.seq
             raise
         return batch
 
-    def _check_tokens(self, tensors: dict[str, np.ndarray]) -> None:
+    def _check_tokens(self, tensors: dict[str, np.ndarray], low: np.float32) -> None:
         ratio = tensors.get("mask_ratio")
         # NaN fails both comparisons, so it is refused too.
-        if ratio is not None and ratio.size and not bool(((ratio >= 0.0) & (ratio <= 1.0)).all()):
-            raise CodecError("out_of_range", "mask_ratio holds values outside [0, 1]")
+        if ratio is not None and ratio.size and not bool(((ratio >= low) & (ratio <= 1.0)).all()):
+            stage = f"this uniform stage's min_ratio {float(low):g}" if low else "0"
+            raise CodecError("out_of_range", f"mask_ratio holds values below {stage} or above 1")
         if self.vocab_size is None:
             return
         inputs, labels = tensors.get("input"), tensors.get("labels")

@@ -304,7 +304,9 @@ def check_entry(fields: dict[bytes, bytes], meta: dict, stream: str) -> dict:
         raise Refused("bad_stage", str(message["stage"]))
     if "mask_ratio" in tensors:
         ratio = tensors["mask_ratio"][0]
-        if not ((ratio >= 0) & (ratio <= 1)).all():  # NaN fails both
+        stage = meta["stages"][stream][message["stage"]]
+        low = np.float32(stage["min_ratio"] if stage["type"] == "uniform" else 0.0)
+        if not ((ratio >= low) & (ratio <= 1)).all():  # NaN fails both
             raise Refused("out_of_range", "mask_ratio")
     inputs, labels = tensors["input"][0], tensors["labels"][0]
     if (inputs >= meta["vocab_size"]).any():

@@ -351,7 +351,7 @@ def build(meta: dict[str, Any]) -> list[Vector]:
             )
         )
     vectors += accepted(batches[0])
-    vectors += invalid(meta, batches[0], batches[len(ROW_STARTS) - 2])
+    vectors += invalid(meta, batches[0], batches[len(ROW_STARTS) - 2], batches[4])
     return vectors
 
 
@@ -395,8 +395,10 @@ def accepted(batch: Batch) -> list[Vector]:
     ]
 
 
-def invalid(meta: dict[str, Any], train: Batch, val: Batch) -> list[Vector]:
+def invalid(meta: dict[str, Any], train: Batch, val: Batch, uniform: Batch) -> list[Vector]:
     base = message_pairs(train)
+    uniform_stage = meta["stages"]["train"][uniform.stage]
+    assert uniform_stage["type"] == "uniform", uniform_stage
     good = pack(base)
     val_base = message_pairs(val)
     B, T = meta["batch_size"], meta["block_size"]
@@ -721,6 +723,17 @@ def invalid(meta: dict[str, Any], train: Batch, val: Batch) -> list[Vector]:
             "mask-ratio-nan",
             "mask_ratio[0] is NaN",
             with_tensor(base, "mask_ratio", ["float32", [B], floats(ratios, math.nan)]),
+        ),
+        one(
+            "out_of_range",
+            "mask-ratio-below-min-ratio",
+            f"a batch of the uniform stage {uniform.stage} (min_ratio "
+            f"{uniform_stage['min_ratio']}) whose mask_ratio[0] is 0.01",
+            with_tensor(
+                message_pairs(uniform),
+                "mask_ratio",
+                ["float32", [B], floats(uniform.tensors["mask_ratio"].astype("<f4"), 0.01)],
+            ),
         ),
         # ---- token ids
         one(
