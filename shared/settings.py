@@ -363,6 +363,13 @@ class TrainSettings(_Base):
         0.02, gt=0, description="Muon's peak rate (optimizer=muon; same warmup and decay)"
     )
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    max_nonfinite_steps: int = Field(
+        50,
+        ge=0,
+        description="stop (exit 2, no checkpoint of the diverged state) after this many steps "
+        "in a row whose gradient was not finite (each is zeroed; under float16, beyond the 10 "
+        "in a row its loss scaler may skip by design); 0 = never stop",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1)
     eval_interval: int = Field(250, ge=1)
     eval_iters: int = Field(200, ge=1, description="validation batches evaluated (at most)")

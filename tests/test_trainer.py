@@ -1047,3 +1047,52 @@ def test_a_contract_overwritten_mid_run_is_reported_and_the_trainer_keeps_going(
         if trainer.poll() is None:
             trainer.kill()
     assert "Traceback" not in log_path.read_text()
+
+
+def test_a_diverged_model_stops_with_exit_2_and_keeps_the_last_finite_checkpoint(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    common = [
+        f"--redis_url={redis7.url}",
+        f"--corpus_path={shakespeare}",
+        *SMALL,
+        f"--out_dir={tmp_path / 'run'}",
+        "--eval_interval=1000",
+        "--optimizer=adamw",
+    ]
+    run_trainer(1, [*common, "--max_iters=10"], tmp_path / "first.log")
+    # A learning rate of 1e30 sends the weights past float32's range within a few steps:
+    # from then on every gradient is NaN.
+    diverging = subprocess.run(
+        trainer_cmd(
+            1,
+            [
+                *common,
+                "--init_from=resume",
+                "--max_iters=200",
+                "--learning_rate=1e30",
+                "--min_lr=1e30",
+                "--warmup_iters=0",
+                "--checkpoint_interval=1",
+                "--log_interval=1",
+                "--max_nonfinite_steps=5",
+            ],
+        ),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert [p.terminate() for p in producers] == [0, 0]
+    err = diverging.stderr
+    assert diverging.returncode == 2, err[-3000:]
+    stopped = re.search(r"the last 5 steps \(to iter (\d+)\) all had a non-finite gradient", err)
+    assert stopped, err[-3000:]
+    assert "Traceback" not in err and "--learning_rate" in err
+    assert re.search(r"not checkpointing at iter \d+: the last 1 step\(s\)", err)
+    # What is on disk is from before the first non-finite step, and finite.
+    ckpt = Checkpoint.load(tmp_path / "run" / "ckpt.pt")
+    assert 10 <= ckpt.iter_num <= int(stopped.group(1)) - 5
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values())

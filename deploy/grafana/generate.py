@@ -461,7 +461,8 @@ def pipeline() -> Board:
         "Lost records, failed steps, skipped validation entries",
         "ops",
         "Bad entries removed without a dead-letter record (Redis refused it: alert "
-        "DeadLettersLost), training steps that raised (counted against their entries), and "
+        "DeadLettersLost), training steps that raised (counted against their entries), steps "
+        "whose gradient was not finite (zeroed: alert TrainingDiverging), and "
         "validation entries left out of evaluation for failing their checks.",
         Query(
             f"{rate('maskstream_dead_letters_lost_total', by='reason')}"
@@ -469,6 +470,10 @@ def pipeline() -> Board:
             "dead-letter record lost: {{reason}}",
         ),
         Query(f"{rate('maskstream_step_failures_total')} or vector(0)", "failed steps"),
+        Query(
+            f"{rate('maskstream_trainer_nonfinite_steps_total')} or vector(0)",
+            "non-finite gradients (steps zeroed)",
+        ),
         Query(
             f"{rate('maskstream_validation_entries_skipped_total', by='reason')}"
             ' or label_replace(vector(0), "reason", "none", "", "")',

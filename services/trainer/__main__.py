@@ -43,7 +43,12 @@ from services.trainer.checkpoint import (  # noqa: E402 - after the environment 
     would_replace,
 )
 from services.trainer.launch import EXIT_DIR_ENV  # noqa: E402 - after the environment above
-from services.trainer.train import StepFailed, Trainer, TrainerConfigError  # noqa: E402 - after the environment above
+from services.trainer.train import (  # noqa: E402 - after the environment above
+    StepFailed,
+    Trainer,
+    TrainerConfigError,
+    TrainingDiverged,
+)
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
 from shared.exit_codes import ExitCode  # noqa: E402 - after the environment above
 from shared.faults import REFUSED, refusal_message  # noqa: E402 - after the environment above
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as exc:
         log.error("%s; exiting so that a restart goes on", exc, exc_info=exc.__cause__)
         return ExitCode.FAILURE
+    except TrainingDiverged as exc:  # a setting (the learning rate, say) must change
+        log.error("%s", exc)
+        return ExitCode.CONFIG
     except CheckpointWriteError as exc:  # ack_policy=checkpoint: no ack without one
         log.error("%s", exc)
         return ExitCode.CONFIG

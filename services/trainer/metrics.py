@@ -28,6 +28,11 @@ VALIDATION_SKIPPED = Counter(
     "Validation entries that failed their checks and were left out of evaluation",
     ["reason"],
 )
+NONFINITE_STEPS = Counter(
+    "maskstream_trainer_nonfinite_steps",
+    "Training steps whose gradient was not finite (NaN or inf): zeroed, so the step trained "
+    "on nothing",
+)
 STEP_FAILURES = Counter(
     "maskstream_step_failures",
     "Training steps that raised (counted against their entries)",

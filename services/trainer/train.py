@@ -243,6 +243,18 @@ def check_queue_room(settings: TrainerConfig, world: int, max_backlog: int) -> N
         )
 
 
+class TrainingDiverged(RuntimeError):
+    """Steps in a row with a non-finite gradient: ``max_nonfinite_steps`` of them, or a
+    streak at the end of training."""
+
+
+FLOAT16_OVERFLOW_STREAK = 10  # 2**10 times below the loss scale that last overflowed
+RESUME_ADVICE = (
+    "Resume from it (--init_from=resume) with a lower --learning_rate (or "
+    "--muon_learning_rate), a smaller --grad_clip, or --dtype=bfloat16 instead of float16"
+)
+
+
 class StepFailed(RuntimeError):
     """A training step raised; its entries have been charged one failure each."""
 
@@ -363,6 +375,14 @@ class Trainer:
         # Step N-1's entries: acked after step N's all-reduce (several ranks), or
         # once the device has run step N-1 (one GPU: _previous_step, its end).
         self.unacked_prev: list[bytes] = []
+        # Steps whose gradient was not finite: in a row, in all (on the device), and the
+        # total the loop last read.
+        self._nonfinite_run = torch.zeros((), dtype=torch.long, device=self.device)
+        self._nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
+        self._nonfinite_seen = 0
+        # A float16 loss scaler overflows now and then by design (it skips the step and
+        # halves its scale): a streak up to this long is not divergence.
+        self._tolerated = FLOAT16_OVERFLOW_STREAK if self.scaler.is_enabled() else 0
         self._previous_step: torch.cuda.Event | None = None
         self.held: list[bytes] = []  # ack_policy=checkpoint: everything since the last one
         self.wandb = self._init_wandb()
@@ -641,9 +661,7 @@ class Trainer:
         if self.s.ack_policy == "step":
             self.feed.ack(self.unacked_prev)
             self.unacked_prev = []
-        if self.s.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
+        self._guard_gradient()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -667,6 +685,73 @@ class Trainer:
         else:
             self.held.extend(ids)
         return total
+
+    def _guard_gradient(self) -> None:
+        """Clip the step's gradient (``grad_clip``) and zero it when it is not finite.
+
+        A NaN or inf anywhere in the gradient (the model diverged; under float16, also
+        an overflow that the loss scaler skips) would otherwise reach every weight. All
+        of it runs on the device, without a host sync: the zeroed step still lets the
+        optimizer's momentum move the weights, but nothing of the batch does. Counted in
+        ``_nonfinite_run`` (steps in a row) and ``_nonfinite_total`` (those beyond the
+        loss scaler's tolerated streak), which the loop reads at each log interval
+        (:meth:`_check_divergence`)."""
+        self.scaler.unscale_(self.optimizer)  # a no-op unless the float16 scaler is on
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.s.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        finite = torch.isfinite(norm)
+        for g in grads:
+            torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device), out=g)
+        self._nonfinite_run = (self._nonfinite_run + 1) * (~finite).long()
+        self._nonfinite_total += (self._nonfinite_run > self._tolerated).long()
+
+    def _check_divergence(self) -> None:
+        """At a log interval, every rank alike (the all-reduced gradient is the same
+        everywhere): count the steps whose gradient was not finite, and stop once
+        ``max_nonfinite_steps`` came in a row (beyond the tolerated streak)."""
+        run, total = (int(v) for v in torch.stack((self._nonfinite_run, self._nonfinite_total)))
+        new = total - self._nonfinite_seen
+        if not new:
+            return
+        self._nonfinite_seen = total
+        beyond = run - self._tolerated
+        if self.d.master:
+            metrics.NONFINITE_STEPS.inc(new)
+            log.warning(
+                "%d step(s) up to iter %d had a non-finite gradient (NaN or inf) and trained "
+                "on nothing; %d in a row now (max_nonfinite_steps=%d%s)",
+                new,
+                self.progress.iter_num,
+                max(beyond, 0),
+                self.s.max_nonfinite_steps,
+                f", after the {self._tolerated} the float16 loss scaler may skip"
+                if self._tolerated
+                else "",
+            )
+        limit = self.s.max_nonfinite_steps
+        if limit and beyond >= limit:
+            raise TrainingDiverged(
+                f"the last {run} steps (to iter {self.progress.iter_num}) all had a non-finite "
+                f"gradient: the model diverged. Stopping without checkpointing this state; "
+                f"{self.ckpt_path} holds the last one written before it. {RESUME_ADVICE}"
+            )
+
+    def _diverging(self) -> bool:
+        """Whether the last steps' gradients were not finite, beyond the tolerated
+        streak (the same on every rank): no checkpoint is written then, the one on disk
+        stays the last good one."""
+        run = int(self._nonfinite_run)
+        diverging = run > self._tolerated
+        if diverging and self.d.master:
+            log.warning(
+                "not checkpointing at iter %d: the last %d step(s) had a non-finite gradient",
+                self.progress.iter_num,
+                run,
+            )
+        return diverging
 
     def _ack_after_previous_step(self, ids: list[bytes], done: torch.cuda.Event) -> None:
         """Alone on a GPU, with this step queued (``done``: recorded after it):
@@ -919,6 +1004,8 @@ class Trainer:
             p.iter_num += 1
             p.tokens += self.tokens_per_step
             steps_since += 1
+            if p.iter_num % s.log_interval == 0:
+                self._check_divergence()
             if p.iter_num % s.log_interval == 0 and self.d.master:
                 # Read back only here (as nanoGPT does): a read every step would
                 # make the host wait for the device before queueing the next step.
@@ -959,8 +1046,14 @@ class Trainer:
             if p.iter_num % s.eval_interval == 0 or p.iter_num == s.max_iters:
                 val_loss = self._evaluate_and_control(final=p.iter_num == s.max_iters)
             due = s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0
-            if due and self.checkpoint():
+            if due and not self._diverging() and self.checkpoint():
                 checkpointed_at = p.iter_num
+        if self._diverging():
+            raise TrainingDiverged(
+                f"training ended (iter {p.iter_num}) in a run of steps with a non-finite "
+                f"gradient: the model diverged. Stopping without checkpointing this state; "
+                f"{self.ckpt_path} holds the last one written before it. {RESUME_ADVICE}"
+            )
         # The last one is tried again if the last interval's failed.
         written = checkpointed_at == p.iter_num or self.checkpoint()
         if math.isnan(val_loss) and not stopped_early:
