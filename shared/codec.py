@@ -55,7 +55,8 @@ class CodecError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-        # Set when the message decoded far enough to say whose it is.
+        # Set when the message is a map whose producer and seq are valid, whatever else
+        # is wrong with it: whose it is, for the dead letter.
         self.producer: int | None = None
         self.seq: int | None = None
 
@@ -197,6 +198,20 @@ def decode(
         raise CodecError("malformed", f"not a msgpack message: {why}") from None
     if not isinstance(message, dict):
         raise CodecError("wrong_type", "a message must be a map")
+    try:
+        return _message(message, fingerprint, schema)
+    except CodecError as exc:
+        # Whose it is, for the dead letter, whatever else is wrong with it.
+        producer, seq = message.get("producer"), message.get("seq")
+        if all(type(v) is int and 0 <= v <= INT64_MAX for v in (producer, seq)):
+            exc.producer, exc.seq = producer, seq
+        raise
+
+
+def _message(
+    message: dict[str, Any], fingerprint: str | None, schema: dict[str, TensorSpec] | None
+) -> Batch:
+    """The checks of a decoded map (docs/wire-format.md, checks 4 to 9)."""
     # The version first, whatever else the map holds: a later format may add or
     # drop keys, and its messages must read as "unsupported_version".
     version = message.get("v")

@@ -15,6 +15,7 @@ import numpy as np
 
 from shared.codec import Batch, CodecError, decode
 from shared.contract import schema_of
+from shared.masking import UniformStage
 from shared.streams import PAYLOAD_FIELD
 
 # Every reason an entry can be refused with, codec and contract checks
@@ -41,6 +42,12 @@ REASONS = (
 )
 
 
+def _name(field: bytes | str) -> str:
+    """A field name as text: UTF-8, other bytes as backslash escapes, at most 40 characters."""
+    text = field.decode("utf-8", "backslashreplace") if isinstance(field, bytes) else field
+    return text[:40]
+
+
 class EntryValidator:
     """The checks of one stream (``split``) under one contract (``meta``)."""
 
@@ -54,7 +61,7 @@ class EntryValidator:
         # row's ELBO weight 1/(t*T) swamp the step. Compared in float32, the
         # dtype producers round t to (t = min_ratio exactly rounds the same way).
         self.min_ratio = {
-            i: np.float32(stage.get("min_ratio", 0.0))
+            i: np.float32(stage.get("min_ratio", UniformStage.model_fields["min_ratio"].default))
             for i, stage in enumerate(meta["stages"][split])
             if stage.get("type") == "uniform"
         }
@@ -69,7 +76,7 @@ class EntryValidator:
         # Every name Redis sent (a repeated one too, see streams.EntryFields).
         names = getattr(fields, "names", None) or tuple(fields)
         if names != (PAYLOAD_FIELD,):
-            shown = [repr(k)[:40] for k in names[:4]]
+            shown = [_name(k) for k in names[:4]]
             raise CodecError(
                 "bad_entry_fields",
                 f"an entry has exactly one field 'd', this one has {len(names)}: {shown}",

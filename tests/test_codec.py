@@ -257,3 +257,23 @@ def test_arbitrary_msgpack_values_never_crash(value):
         decode(msgpack.packb(value, use_bin_type=True))
     except CodecError as exc:
         assert exc.reason in REASONS
+
+
+@pytest.mark.parametrize(
+    ("message", "whose"),
+    [
+        (message_dict(fp="ffffffffffffffff"), True),
+        (message_dict(v=2), True),
+        (message_dict(extra=1), True),
+        (message_dict(tensors={"x": ["complex128", [1], b"\0" * 16]}), True),
+        (message_dict(stage=-1), True),
+        (message_dict(seq=-1, fp="ffffffffffffffff"), False),
+        (message_dict(producer="3", fp="ffffffffffffffff"), False),
+        (message_dict(seq=True, fp="ffffffffffffffff"), False),
+    ],
+)
+def test_a_refused_map_names_its_producer_and_seq_when_they_are_valid(message, whose):
+    with pytest.raises(CodecError) as err:
+        decode(msgpack.packb(message, use_bin_type=True), fingerprint=FP)
+    expected = (message["producer"], message["seq"]) if whose else (None, None)
+    assert (err.value.producer, err.value.seq) == expected
