@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from services.trainer import metrics
+from services.trainer.optim import MuonAdamW
 from services.trainer.train import Dist, Progress, Trainer, TrainingDiverged
 from shared.settings import TrainerConfig, load_settings
 
@@ -29,7 +30,9 @@ def guarded(tolerated: int, limit: int = 5) -> Trainer:
     trainer.ckpt_path = Path("runs/x/ckpt.pt")
     trainer._nonfinite_run = torch.zeros((), dtype=torch.long)
     trainer._nonfinite_total = torch.zeros((), dtype=torch.long)
+    trainer._nonfinite_longest = torch.zeros((), dtype=torch.long)
     trainer._nonfinite_seen, trainer._tolerated = 0, tolerated
+    trainer._checkpointed_iter = None
     return trainer
 
 
@@ -37,7 +40,8 @@ def step(trainer: Trainer, value: float) -> None:
     """One step whose loss is ``value`` times the model's output: NaN or inf makes every
     gradient non-finite."""
     trainer.optimizer.zero_grad()
-    (trainer.model(torch.ones(1, 3)).sum() * value).backward()
+    inputs = torch.ones(1, trainer.model.in_features)
+    (trainer.model(inputs).sum() * value).backward()
     trainer._guard_gradient()
     trainer.progress.iter_num += 1
 
@@ -65,8 +69,47 @@ def test_without_a_loss_scaler_every_non_finite_step_counts_and_the_limit_stops(
     trainer._check_divergence()
     assert counted() - before == 4
     step(trainer, math.nan)
-    with pytest.raises(TrainingDiverged, match=r"the last 5 steps \(to iter 5\)"):
+    with pytest.raises(TrainingDiverged, match=r"5 steps in a row \(up to iter 5\)"):
         trainer._check_divergence()
+
+
+def test_a_streak_that_ends_between_two_reads_still_stops():
+    trainer = guarded(tolerated=0, limit=5)
+    for _ in range(6):
+        step(trainer, math.nan)
+    step(trainer, 1.0)  # over before the log interval's read
+    with pytest.raises(TrainingDiverged, match="6 steps in a row"):
+        trainer._check_divergence()
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_a_zeroed_step_does_not_move_the_weights(kind):
+    trainer = guarded(tolerated=0)
+    trainer.model = torch.nn.Linear(8, 8, bias=False)
+    if kind == "muon":
+        trainer.optimizer = MuonAdamW(
+            [{"params": list(trainer.model.parameters()), "kind": "muon", "lr": 0.02,
+              "weight_decay": 0.0}],
+            betas=(0.9, 0.99),
+        )  # fmt: skip
+    else:
+        trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=0.02)
+    for _ in range(3):  # momentum built up
+        step(trainer, 1.0)
+        trainer.optimizer.step()
+    before = trainer.model.weight.detach().clone()
+    step(trainer, math.nan)
+    trainer.optimizer.step()
+    moved = (trainer.model.weight.detach() - before).norm().item()
+    assert moved < 1e-3 * before.norm().item()
+
+
+def test_weights_that_overflow_are_not_checkpointed():
+    trainer = guarded(tolerated=0)
+    assert not trainer._diverging()
+    with torch.no_grad():
+        trainer.model.weight.fill_(1e30)  # finite, but the norm overflows float32
+    assert trainer._diverging()
 
 
 def test_a_float16_overflow_streak_is_tolerated_then_counted():

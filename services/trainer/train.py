@@ -249,10 +249,17 @@ class TrainingDiverged(RuntimeError):
 
 
 FLOAT16_OVERFLOW_STREAK = 10  # 2**10 times below the loss scale that last overflowed
-RESUME_ADVICE = (
-    "Resume from it (--init_from=resume) with a lower --learning_rate (or "
-    "--muon_learning_rate), a smaller --grad_clip, or --dtype=bfloat16 instead of float16"
+RESTART_ADVICE = (
+    "a lower --learning_rate (or --muon_learning_rate), a smaller --grad_clip, or "
+    "--dtype=bfloat16 instead of float16"
 )
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, on their device (inf when it overflows)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
 class StepFailed(RuntimeError):
@@ -379,6 +386,12 @@ class Trainer:
         # total the loop last read.
         self._nonfinite_run = torch.zeros((), dtype=torch.long, device=self.device)
         self._nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
+        self._nonfinite_longest = torch.zeros((), dtype=torch.long, device=self.device)
+        # A checkpoint that came due during a streak: written after the first step out of it.
+        self._checkpoint_pending = False
+        self._checkpointed_iter: int | None = (
+            self.progress.iter_num if self.ckpt_path.exists() and self.progress.iter_num else None
+        )
         self._nonfinite_seen = 0
         # A float16 loss scaler overflows now and then by design (it skips the step and
         # halves its scale): a streak up to this long is not divergence.
@@ -687,71 +700,107 @@ class Trainer:
         return total
 
     def _guard_gradient(self) -> None:
-        """Clip the step's gradient (``grad_clip``) and zero it when it is not finite.
+        """Clip the step's gradient (``grad_clip``) and neutralize it when it is not finite.
 
         A NaN or inf anywhere in the gradient (the model diverged; under float16, also
         an overflow that the loss scaler skips) would otherwise reach every weight. All
-        of it runs on the device, without a host sync: the zeroed step still lets the
-        optimizer's momentum move the weights, but nothing of the batch does. Counted in
-        ``_nonfinite_run`` (steps in a row) and ``_nonfinite_total`` (those beyond the
-        loss scaler's tolerated streak), which the loop reads at each log interval
+        of it runs on the device, without a host sync: such a step's gradient and the
+        optimizer's momentum are zeroed, so its update is nothing (AdamW's weight decay
+        aside). Counted in ``_nonfinite_run`` (steps in a row), ``_nonfinite_longest``
+        (the longest streak since the last read) and ``_nonfinite_total`` (those beyond
+        the loss scaler's tolerated streak), which the loop reads at each log interval
         (:meth:`_check_divergence`)."""
         self.scaler.unscale_(self.optimizer)  # a no-op unless the float16 scaler is on
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.s.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
         else:
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = total_norm(grads)
         finite = torch.isfinite(norm)
+        zero = norm.new_zeros(())
         for g in grads:
-            torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device), out=g)
+            torch.where(finite, g, zero.to(g.dtype), out=g)
+        momentum = [
+            buf
+            for state in self.optimizer.state.values()
+            for key in ("exp_avg", "momentum_buffer")
+            if isinstance(buf := state.get(key), torch.Tensor)
+        ]
+        if momentum:
+            torch._foreach_mul_(momentum, finite.to(momentum[0].dtype))
         self._nonfinite_run = (self._nonfinite_run + 1) * (~finite).long()
+        self._nonfinite_longest = torch.maximum(self._nonfinite_longest, self._nonfinite_run)
         self._nonfinite_total += (self._nonfinite_run > self._tolerated).long()
 
     def _check_divergence(self) -> None:
         """At a log interval, every rank alike (the all-reduced gradient is the same
-        everywhere): count the steps whose gradient was not finite, and stop once
-        ``max_nonfinite_steps`` came in a row (beyond the tolerated streak)."""
-        run, total = (int(v) for v in torch.stack((self._nonfinite_run, self._nonfinite_total)))
+        everywhere): count the steps whose gradient was not finite, and stop if
+        ``max_nonfinite_steps`` came in a row (beyond the tolerated streak) since the
+        last read."""
+        counters = (self._nonfinite_run, self._nonfinite_longest, self._nonfinite_total)
+        run, longest, total = torch.stack(counters).tolist()
+        self._nonfinite_longest = self._nonfinite_run.clone()
         new = total - self._nonfinite_seen
         if not new:
             return
         self._nonfinite_seen = total
-        beyond = run - self._tolerated
+        tolerated = (
+            f", not counting the first {self._tolerated} in a row (the float16 loss scaler's)"
+            if self._tolerated
+            else ""
+        )
         if self.d.master:
             metrics.NONFINITE_STEPS.inc(new)
             log.warning(
-                "%d step(s) up to iter %d had a non-finite gradient (NaN or inf) and trained "
-                "on nothing; %d in a row now (max_nonfinite_steps=%d%s)",
+                "%d step(s) up to iter %d had a non-finite gradient (NaN or inf) and changed "
+                "nothing; %d in a row now, %d at most since the last log line "
+                "(max_nonfinite_steps=%d%s)",
                 new,
                 self.progress.iter_num,
-                max(beyond, 0),
+                run,
+                longest,
                 self.s.max_nonfinite_steps,
-                f", after the {self._tolerated} the float16 loss scaler may skip"
-                if self._tolerated
-                else "",
+                tolerated,
             )
         limit = self.s.max_nonfinite_steps
-        if limit and beyond >= limit:
+        if limit and longest - self._tolerated >= limit:
             raise TrainingDiverged(
-                f"the last {run} steps (to iter {self.progress.iter_num}) all had a non-finite "
-                f"gradient: the model diverged. Stopping without checkpointing this state; "
-                f"{self.ckpt_path} holds the last one written before it. {RESUME_ADVICE}"
+                f"{longest} steps in a row (up to iter {self.progress.iter_num}) had a "
+                f"non-finite gradient: the model diverged (max_nonfinite_steps={limit}"
+                f"{tolerated}). {self._kept()}"
             )
 
-    def _diverging(self) -> bool:
-        """Whether the last steps' gradients were not finite, beyond the tolerated
-        streak (the same on every rank): no checkpoint is written then, the one on disk
-        stays the last good one."""
-        run = int(self._nonfinite_run)
-        diverging = run > self._tolerated
-        if diverging and self.d.master:
+    def _kept(self) -> str:
+        """What the trainer leaves on disk when it stops for divergence."""
+        if self._checkpointed_iter is None:
+            return "Stopping; no checkpoint was written. Start again with " + RESTART_ADVICE
+        return (
+            f"Stopping without checkpointing this state; {self.ckpt_path} holds the last one "
+            f"written, at iter {self._checkpointed_iter}. Resume from it (--init_from=resume) "
+            "with " + RESTART_ADVICE
+        )
+
+    def _diverging(self, say: bool = True) -> bool:
+        """Whether the weights are not finite (or their norm overflows) or the last
+        steps' gradients were not finite beyond the tolerated streak: the same on every
+        rank. No checkpoint is written then (one host sync: only where one is due)."""
+        params = [p.detach() for p in self.model.parameters()]
+        weights_ok = torch.isfinite(total_norm(params)).long()
+        run, finite_weights = torch.stack((self._nonfinite_run, weights_ok)).tolist()
+        why = (
+            "the weights are not finite (or their norm overflows float32)"
+            if not finite_weights
+            else f"the last {run} step(s) had a non-finite gradient"
+            if run > self._tolerated
+            else None
+        )
+        if why and say and self.d.master:
             log.warning(
-                "not checkpointing at iter %d: the last %d step(s) had a non-finite gradient",
+                "not checkpointing at iter %d: %s; trying again after each step",
                 self.progress.iter_num,
-                run,
+                why,
             )
-        return diverging
+        return why is not None
 
     def _ack_after_previous_step(self, ids: list[bytes], done: torch.cuda.Event) -> None:
         """Alone on a GPU, with this step queued (``done``: recorded after it):
@@ -931,6 +980,8 @@ class Trainer:
         # Every rank learns the outcome (one tiny all-reduce), so all go on or stop together
         # and all call the same collectives next (the run's last checkpoint is retried).
         written = self._all_ready(written)
+        if written:
+            self._checkpointed_iter = self.progress.iter_num
         if self.s.ack_policy == "checkpoint" and not written:
             raise CheckpointWriteError(
                 f"the checkpoint in {self.s.out_dir} could not be written, and under "
@@ -1046,13 +1097,15 @@ class Trainer:
             if p.iter_num % s.eval_interval == 0 or p.iter_num == s.max_iters:
                 val_loss = self._evaluate_and_control(final=p.iter_num == s.max_iters)
             due = s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0
-            if due and not self._diverging() and self.checkpoint():
-                checkpointed_at = p.iter_num
+            if due or self._checkpoint_pending:
+                # Pending: one host sync per step until the streak is over (rare).
+                self._checkpoint_pending = self._diverging(say=bool(due))
+                if not self._checkpoint_pending and self.checkpoint():
+                    checkpointed_at = p.iter_num
         if self._diverging():
             raise TrainingDiverged(
-                f"training ended (iter {p.iter_num}) in a run of steps with a non-finite "
-                f"gradient: the model diverged. Stopping without checkpointing this state; "
-                f"{self.ckpt_path} holds the last one written before it. {RESUME_ADVICE}"
+                f"training ended (iter {p.iter_num}) in a state that cannot be checkpointed "
+                f"(see the warning above): the model diverged. {self._kept()}"
             )
         # The last one is tried again if the last interval's failed.
         written = checkpointed_at == p.iter_num or self.checkpoint()
