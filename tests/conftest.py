@@ -13,9 +13,9 @@ import pytest
 
 from shared.redis_server import RedisServer
 from tests.helpers import (
-    REPO,
     SHAKESPEARE_SHA256,
     ProducerProcess,
+    local_shakespeare,
     newest_redis_binary,
     redis_binaries,
 )
@@ -68,16 +68,10 @@ def redis7(tmp_path) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def shakespeare() -> Path:
-    """Tiny Shakespeare: $TINYSHAKESPEARE, the team's copy beside the checkout,
-    or the verified download cache."""
-    candidates = [
-        os.environ.get("TINYSHAKESPEARE", ""),
-        str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"),
-        str(Path("~/.cache/maskstream/tinyshakespeare.txt").expanduser()),
-    ]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
+    """Tiny Shakespeare: a local copy (:func:`tests.helpers.local_shakespeare`), else
+    the verified download into the cache."""
+    if (found := local_shakespeare()) is not None:
+        return found
     from shared.corpus import download_corpus
     from shared.settings import TINYSHAKESPEARE_URL
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -424,14 +425,36 @@ def torch_cpu_wheel() -> Path | None:
     return None
 
 
+SHAKESPEARE_CACHE = Path("~/.cache/maskstream/tinyshakespeare.txt").expanduser()
+
+
+def local_shakespeare() -> Path | None:
+    """A copy of Tiny Shakespeare on this machine: ``$TINYSHAKESPEARE``, ``$CORPUS_PATH``
+    when it is that file (its sha256 checked), the team's copy beside the checkout, or the
+    download cache. None when there is none."""
+    corpus_path = os.environ.get("CORPUS_PATH", "")
+    for candidate in (
+        os.environ.get("TINYSHAKESPEARE", ""),
+        corpus_path if corpus_path and _sha256(corpus_path) == SHAKESPEARE_SHA256 else "",
+        str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"),
+        str(SHAKESPEARE_CACHE),
+    ):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def _sha256(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def stack_corpus(tmp: Path) -> Path:
     """Tiny Shakespeare where a copy is around, else any text written to ``tmp``."""
-    for candidate in (
-        REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
-        Path("~/.cache/maskstream/tinyshakespeare.txt").expanduser(),
-    ):
-        if candidate.is_file():
-            return candidate
+    if (found := local_shakespeare()) is not None:
+        return found
     path = tmp / "corpus.txt"  # offline and no copy around: any text will do
     path.write_text(
         "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(5000))
