@@ -1060,32 +1060,23 @@ def test_a_diverged_model_stops_with_exit_2_and_keeps_the_last_finite_checkpoint
         f"--out_dir={tmp_path / 'run'}",
         "--eval_interval=1000",
         "--optimizer=adamw",
+        "--init_from=resume",
+        "--warmup_iters=0",
+        "--checkpoint_interval=1",
+        "--log_interval=1",
     ]
-    run_trainer(1, [*common, "--max_iters=10"], tmp_path / "first.log")
+    run_trainer(1, [*common[:-4], "--max_iters=10"], tmp_path / "first.log")
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        command = trainer_cmd(1, [*common, *args])
+        return subprocess.run(
+            command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
+        )
+
     # A learning rate of 1e30 sends the weights past float32's range within a few steps:
     # from then on every gradient is NaN.
-    diverging = subprocess.run(
-        trainer_cmd(
-            1,
-            [
-                *common,
-                "--init_from=resume",
-                "--max_iters=200",
-                "--learning_rate=1e30",
-                "--min_lr=1e30",
-                "--warmup_iters=0",
-                "--checkpoint_interval=1",
-                "--log_interval=1",
-                "--max_nonfinite_steps=5",
-            ],
-        ),
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert [p.terminate() for p in producers] == [0, 0]
+    diverge = ["--max_iters=200", "--learning_rate=1e30", "--min_lr=1e30"]
+    diverging = train(*diverge, "--max_nonfinite_steps=5")
     err = diverging.stderr
     assert diverging.returncode == 2, err[-3000:]
     stopped = re.search(r"(\d+) steps in a row \(up to iter (\d+)\) had a non-finite", err)
@@ -1097,3 +1088,14 @@ def test_a_diverged_model_stops_with_exit_2_and_keeps_the_last_finite_checkpoint
     ckpt = Checkpoint.load(tmp_path / "run" / "ckpt.pt")
     assert ckpt.iter_num == 10
     assert all(torch.isfinite(v).all() for v in ckpt.model.values())
+    # A restart with the same settings (a restart policy's) is refused at once...
+    again = train(*diverge, "--max_nonfinite_steps=5")
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "with these same settings diverged at iter" in again.stderr
+    assert "Traceback" not in again.stderr
+    # ...and one with a setting changed resumes from iter 10 and trains on.
+    fixed = train("--max_iters=20", "--learning_rate=1e-3", "--max_nonfinite_steps=5")
+    assert [p.terminate() for p in producers] == [0, 0]
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert not (tmp_path / "run" / "diverged.json").exists()
+    assert Checkpoint.load(tmp_path / "run" / "ckpt.pt").iter_num == 20

@@ -38,7 +38,9 @@ from services.trainer.checkpoint import (  # noqa: E402 - after the environment 
     CheckpointError,
     CheckpointWriteError,
     OutDirInUse,
+    diverged_before,
     hold_out_dir,
+    mark_diverged,
     remove_stale_temporaries,
     would_replace,
 )
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("removed %.1f MB of checkpoint writes a killed trainer left", freed / 1e6)
     # Every rank (after rank 0 took the lock: a live trainer there is named as such); one
     # that went on alone would wait for the others in the process group.
-    if reason := would_replace(settings.out_dir, settings.init_from, settings.model_fields_set):
+    if reason := would_replace(
+        settings.out_dir, settings.init_from, settings.model_fields_set
+    ) or diverged_before(settings.out_dir, settings):
         log.error("%s", reason)
         return ExitCode.CONFIG
     try:
@@ -113,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.FAILURE
     except TrainingDiverged as exc:  # a setting (the learning rate, say) must change
         log.error("%s", exc)
+        if rank == 0:  # a restart with the same settings would diverge again: refused
+            try:
+                mark_diverged(settings.out_dir, settings, exc.iter_num, str(exc))
+            except OSError as err:
+                log.warning("could not record the divergence in %s: %s", settings.out_dir, err)
         return ExitCode.CONFIG
     except CheckpointWriteError as exc:  # ack_policy=checkpoint: no ack without one
         log.error("%s", exc)

@@ -9,8 +9,10 @@ loading it never unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -58,6 +60,49 @@ def would_replace(out_dir: Path, init_from: str, fields_set: set[str]) -> str | 
     return (
         f"{path} holds the checkpoint of an earlier run: --init_from=resume continues it, "
         "--init_from=scratch replaces it, another --out_dir keeps it"
+    )
+
+
+# Left in out_dir by a trainer that stopped because the model diverged: the same settings
+# are not run again there (a restart policy would resume and diverge again, on the GPUs).
+DIVERGED_NAME = "diverged.json"
+
+
+def settings_digest(settings: Any) -> str:
+    """sha256 of every public setting but ``init_from`` (which a restart changes)."""
+    values = {k: v for k, v in settings.public_dict().items() if k != "init_from"}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def mark_diverged(out_dir: Path, settings: Any, iter_num: int, message: str) -> Path:
+    """Record that a run with ``settings`` diverged in ``out_dir`` (atomically)."""
+    path = out_dir / DIVERGED_NAME
+    record = {"settings_sha256": settings_digest(settings), "iter": iter_num, "why": message}
+    tmp = path.with_name(f".{DIVERGED_NAME}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def diverged_before(out_dir: Path, settings: Any) -> str | None:
+    """Why a start must not go on: a run with these same settings diverged in
+    ``out_dir`` (:func:`mark_diverged`). None otherwise; a record of other settings (or
+    an unreadable one) is removed, as the settings were changed since."""
+    path = out_dir / DIVERGED_NAME
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("settings_sha256") != settings_digest(settings):
+        with contextlib.suppress(OSError):  # every rank tries; one wins
+            path.unlink(missing_ok=True)
+        return None
+    return (
+        f"the last run in {out_dir} with these same settings diverged at iter "
+        f"{record.get('iter')} ({str(record.get('why'))[:400]}); change a setting (a lower "
+        f"--learning_rate, say) or delete {path} to run them again as they are"
     )
 
 

@@ -247,6 +247,10 @@ class TrainingDiverged(RuntimeError):
     """Steps in a row with a non-finite gradient: ``max_nonfinite_steps`` of them, or a
     streak at the end of training."""
 
+    def __init__(self, message: str, iter_num: int) -> None:
+        super().__init__(message)
+        self.iter_num = iter_num
+
 
 FLOAT16_OVERFLOW_STREAK = 10  # 2**10 times below the loss scale that last overflowed
 RESTART_ADVICE = (
@@ -767,7 +771,8 @@ class Trainer:
             raise TrainingDiverged(
                 f"{longest} steps in a row (up to iter {self.progress.iter_num}) had a "
                 f"non-finite gradient: the model diverged (max_nonfinite_steps={limit}"
-                f"{tolerated}). {self._kept()}"
+                f"{tolerated}). {self._kept()}",
+                self.progress.iter_num,
             )
 
     def _kept(self) -> str:
@@ -1105,7 +1110,8 @@ class Trainer:
         if self._diverging():
             raise TrainingDiverged(
                 f"training ended (iter {p.iter_num}) in a state that cannot be checkpointed "
-                f"(see the warning above): the model diverged. {self._kept()}"
+                f"(see the warning above): the model diverged. {self._kept()}",
+                p.iter_num,
             )
         # The last one is tried again if the last interval's failed.
         written = checkpointed_at == p.iter_num or self.checkpoint()
