@@ -724,12 +724,18 @@ class Trainer:
         zero = norm.new_zeros(())
         for g in grads:
             torch.where(finite, g, zero.to(g.dtype), out=g)
-        momentum = [
-            buf
-            for state in self.optimizer.state.values()
-            for key in ("exp_avg", "momentum_buffer")
-            if isinstance(buf := state.get(key), torch.Tensor)
-        ]
+        # The float16 scaler skips such a step outright (momentum untouched): only without
+        # it would the momentum of earlier steps still move the weights.
+        momentum = (
+            [
+                buf
+                for state in self.optimizer.state.values()
+                for key in ("exp_avg", "momentum_buffer")
+                if isinstance(buf := state.get(key), torch.Tensor)
+            ]
+            if not self.scaler.is_enabled()
+            else []
+        )
         if momentum:
             torch._foreach_mul_(momentum, finite.to(momentum[0].dtype))
         self._nonfinite_run = (self._nonfinite_run + 1) * (~finite).long()
