@@ -53,7 +53,7 @@ format: install ## apply ruff formatting and safe fixes
 bench: bench-producer bench-trainer bench-autoscaler bench-quality bench-masking ## every CPU benchmark
 
 bench-producer: install ## producer masking/encoding, codec and Redis throughput on one core
-	$(PY) -m benchmarks.bench_producer
+	$(PY) -m benchmarks.bench_producer $(ARGS)
 
 bench-trainer: install ## trainer tokens/s fed from Redis vs from memory, and its data-wait share
 	$(PY) -m benchmarks.bench_trainer $(ARGS)
@@ -113,7 +113,7 @@ train-gpu: ## torchrun on all local GPUs: GPU trainer container (Docker + NVIDIA
 	PY=$(PY) deploy/docker/train-gpu.sh $(ARGS)
 
 # .env when there is none, and every secret file missing (each run: a deleted one comes back).
-env:
+env: ## write .env from the settings and secrets (make up and scale call it)
 	@deploy/docker/make-env.sh
 
 $(VENV)/.podman-compose: $(VENV)/.installed

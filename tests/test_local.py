@@ -95,7 +95,10 @@ def test_the_report_takes_only_a_checkpoint_this_run_wrote(tmp_path, capsys):
     settings = load_settings(["--preset=tiny", f"--out_dir={tmp_path}"], env={})
     (tmp_path / "ckpt.pt").write_bytes(b"older than this run")
     os.utime(tmp_path / "ckpt.pt", (1_000_000_000, 1_000_000_000))
-    assert report(settings, since=time.time()) == ExitCode.FAILURE
+    assert report(settings, since=time.time(), stopped_early=False) == ExitCode.FAILURE
+    assert "this run wrote no checkpoint" in capsys.readouterr().out
+    # Asked to stop (Ctrl-C, local_seconds) before any checkpoint: said, and not a failure.
+    assert report(settings, since=time.time(), stopped_early=True) == ExitCode.OK
     assert "this run wrote no checkpoint" in capsys.readouterr().out
 
 
@@ -127,6 +130,15 @@ def run_and_strike(proc: subprocess.Popen, when: str, strike) -> str:
     finally:
         proc.kill()
     return "".join(lines) + rest
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_evaluation_exits_0(shakespeare, tmp_path):
+    proc = start_toy_stack(shakespeare, tmp_path, "--max_iters=100000")
+    out = run_and_strike(proc, r"iter 10/", lambda _: proc.send_signal(signal.SIGINT))
+    assert proc.returncode == 0, out[-3000:]
+    assert "trainer exited with 0" in out
+    assert "the run stopped before its first evaluation" in out
 
 
 def child_running(parent: int, module: str) -> psutil.Process:

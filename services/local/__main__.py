@@ -82,6 +82,7 @@ class Stack:
     def __init__(self, server: RedisServer, args: list[str], settings: Settings) -> None:
         self.server, self.args, self.settings = server, args, settings
         self.started = time.time()
+        self.stopped_early = False  # Ctrl-C or local_seconds, not the end of max_iters
         # One metrics port each (9100, 9101, ...): they share this host's network.
         self.producers = [self._producer(i) for i in range(settings.local_producers)]
         self.trainer = spawn("services.trainer", args)
@@ -146,9 +147,11 @@ class Stack:
                     self.producers[i] = self._producer(i)
             if stop.is_set():
                 say("stopping: the trainer finishes its step and checkpoints")
+                self.stopped_early = True
                 return None
             if time.monotonic() > deadline:
                 say(f"local_seconds={seconds:g} reached: stopping the trainer")
+                self.stopped_early = True
                 return None
             time.sleep(0.2)
 
@@ -162,13 +165,15 @@ class Stack:
         return trainer_code
 
 
-def report(settings: Settings, since: float) -> int:
+def report(settings: Settings, since: float, stopped_early: bool) -> int:
     """A sample from the checkpoint this run wrote (at or after ``since``, a
-    time.time()) and its last validation loss."""
+    time.time()) and its last validation loss. A run stopped early (Ctrl-C,
+    ``local_seconds``) that has none of them yet says so and exits 0."""
+    incomplete = ExitCode.OK if stopped_early else ExitCode.FAILURE
     path = checkpoint_path(settings.out_dir)
     if not written_since(path, since):
         say(f"this run wrote no checkpoint at {path}: nothing to sample")
-        return ExitCode.FAILURE
+        return incomplete
     sample = subprocess.run(
         [
             sys.executable,
@@ -196,7 +201,7 @@ def report(settings: Settings, since: float) -> int:
     val_loss = checkpoint.last_val_loss()
     if val_loss is None:
         say("the run stopped before its first evaluation")
-        return ExitCode.FAILURE
+        return incomplete
     say(f"checkpoint {path} (iter {checkpoint.iter_num})")
     print(f"val loss {val_loss:.4f}", flush=True)
     last = checkpoint.history[-1]
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return ended
     if trainer_code != 0:
         return trainer_code
-    return report(settings, stack.started)
+    return report(settings, stack.started, stack.stopped_early)
 
 
 if __name__ == "__main__":
