@@ -1099,3 +1099,33 @@ def test_a_diverged_model_stops_with_exit_2_and_keeps_the_last_finite_checkpoint
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert not (tmp_path / "run" / "diverged.json").exists()
     assert Checkpoint.load(tmp_path / "run" / "ckpt.pt").iter_num == 20
+
+
+def test_two_ranks_that_diverge_stop_together_with_exit_2(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """Every rank reads the same counters at the same iterations: both stop, none hangs in
+    a collective, and the launcher passes the ranks' exit code 2 through torchrun."""
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "services.trainer.launch", "--nproc_per_node=2",
+            f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL,
+            f"--out_dir={tmp_path / 'run'}", "--eval_interval=1000", "--optimizer=adamw",
+            "--max_iters=200", "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0",
+            "--checkpoint_interval=3", "--log_interval=2", "--max_nonfinite_steps=4",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert [p.terminate() for p in producers] == [0, 0]
+    err = run.stdout + run.stderr
+    assert run.returncode == 2, err[-3000:]
+    assert "launch: rank0 exited 2" in err or "launch: rank1 exited 2" in err, err[-3000:]
+    assert len(re.findall(r"steps in a row \(up to iter \d+\) had a non-finite", err)) == 2
+    assert "no checkpoint was written" in err
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    assert (tmp_path / "run" / "diverged.json").exists()
