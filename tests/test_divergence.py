@@ -54,7 +54,7 @@ def test_a_non_finite_gradient_is_zeroed_and_a_finite_one_clipped():
     trainer = guarded(tolerated=0)
     step(trainer, math.nan)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in trainer.model.parameters())
-    assert trainer._diverging()
+    assert trainer._diverging() == "gradients"
     step(trainer, 1e6)  # finite: clipped to grad_clip (1.0), not zeroed
     norm = torch.nn.utils.get_total_norm([p.grad for p in trainer.model.parameters()])
     assert norm == pytest.approx(1.0, rel=1e-4)
@@ -109,7 +109,7 @@ def test_weights_that_overflow_are_not_checkpointed():
     assert not trainer._diverging()
     with torch.no_grad():
         trainer.model.weight.fill_(1e30)  # finite, but the norm overflows float32
-    assert trainer._diverging()
+    assert trainer._diverging() == "weights"
 
 
 def test_a_float16_overflow_streak_is_tolerated_then_counted():

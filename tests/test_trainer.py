@@ -1129,3 +1129,29 @@ def test_two_ranks_that_diverge_stop_together_with_exit_2(
     assert "no checkpoint was written" in err
     assert not (tmp_path / "run" / "ckpt.pt").exists()
     assert (tmp_path / "run" / "diverged.json").exists()
+
+
+def test_training_that_ends_with_diverged_weights_exits_2_without_checkpointing_them(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    run = subprocess.run(
+        trainer_cmd(
+            1,
+            [
+                f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL,
+                f"--out_dir={tmp_path / 'run'}", "--eval_interval=1000", "--optimizer=adamw",
+                "--max_iters=12", "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0",
+                "--max_nonfinite_steps=0",  # never stops early: the end decides
+            ],
+        ),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert [p.terminate() for p in producers] == [0, 0]
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "training ended (iter 12) with weights that are not finite" in run.stderr
+    assert not (tmp_path / "run" / "ckpt.pt").exists()

@@ -244,8 +244,8 @@ def check_queue_room(settings: TrainerConfig, world: int, max_backlog: int) -> N
 
 
 class TrainingDiverged(RuntimeError):
-    """Steps in a row with a non-finite gradient: ``max_nonfinite_steps`` of them, or a
-    streak at the end of training."""
+    """Steps in a row with a non-finite gradient (``max_nonfinite_steps`` of them), or
+    weights that are not finite when training ends."""
 
     def __init__(self, message: str, iter_num: int) -> None:
         super().__init__(message)
@@ -791,27 +791,25 @@ class Trainer:
             "with " + RESTART_ADVICE
         )
 
-    def _diverging(self, say: bool = True) -> bool:
-        """Whether the weights are not finite (or their norm overflows) or the last
-        steps' gradients were not finite beyond the tolerated streak: the same on every
-        rank. No checkpoint is written then (one host sync: only where one is due)."""
+    def _diverging(self, say: bool = True) -> str | None:
+        """Why no checkpoint may be written now, the same on every rank: "weights" when
+        they are not finite (or their norm overflows float32), "gradients" when the last
+        steps' gradients were not finite beyond the tolerated streak (such steps left the
+        weights as they were, but the next ones may not); None when it may. One host sync:
+        only where a checkpoint is due."""
         params = [p.detach() for p in self.model.parameters()]
         weights_ok = torch.isfinite(total_norm(params)).long()
         run, finite_weights = torch.stack((self._nonfinite_run, weights_ok)).tolist()
-        why = (
-            "the weights are not finite (or their norm overflows float32)"
-            if not finite_weights
-            else f"the last {run} step(s) had a non-finite gradient"
-            if run > self._tolerated
-            else None
-        )
+        why = "weights" if not finite_weights else "gradients" if run > self._tolerated else None
         if why and say and self.d.master:
             log.warning(
                 "not checkpointing at iter %d: %s; trying again after each step",
                 self.progress.iter_num,
-                why,
+                "the weights are not finite (or their norm overflows float32)"
+                if why == "weights"
+                else f"the last {run} step(s) had a non-finite gradient",
             )
-        return why is not None
+        return why
 
     def _ack_after_previous_step(self, ids: list[bytes], done: torch.cuda.Event) -> None:
         """Alone on a GPU, with this step queued (``done``: recorded after it):
@@ -1110,13 +1108,15 @@ class Trainer:
             due = s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0
             if due or self._checkpoint_pending:
                 # Pending: one host sync per step until the streak is over (rare).
-                self._checkpoint_pending = self._diverging(say=bool(due))
+                self._checkpoint_pending = self._diverging(say=bool(due)) is not None
                 if not self._checkpoint_pending and self.checkpoint():
                     checkpointed_at = p.iter_num
-        if self._diverging():
+        # The last checkpoint cannot wait for a streak to end: non-finite steps left the
+        # weights as they were, so only weights that are themselves not finite stop it.
+        if self._diverging(say=False) == "weights":
             raise TrainingDiverged(
-                f"training ended (iter {p.iter_num}) in a state that cannot be checkpointed "
-                f"(see the warning above): the model diverged. {self._kept()}",
+                f"training ended (iter {p.iter_num}) with weights that are not finite (or "
+                f"whose norm overflows float32): the model diverged. {self._kept()}",
                 p.iter_num,
             )
         # The last one is tried again if the last interval's failed.
