@@ -1049,6 +1049,18 @@ def test_a_contract_overwritten_mid_run_is_reported_and_the_trainer_keeps_going(
     assert "Traceback" not in log_path.read_text()
 
 
+# A learning rate of 1e30 sends the weights past float32's range within a few steps: from
+# then on every gradient is NaN.
+DIVERGE = [
+    "--eval_interval=1000", "--optimizer=adamw", "--learning_rate=1e30", "--min_lr=1e30",
+    "--warmup_iters=0",
+]  # fmt: skip
+
+
+def run_captured(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+
+
 def test_a_diverged_model_stops_with_exit_2_and_keeps_the_last_finite_checkpoint(
     redis7, shakespeare, start_producer, tmp_path
 ):
@@ -1068,14 +1080,9 @@ def test_a_diverged_model_stops_with_exit_2_and_keeps_the_last_finite_checkpoint
     run_trainer(1, [*common[:-4], "--max_iters=10"], tmp_path / "first.log")
 
     def train(*args: str) -> subprocess.CompletedProcess:
-        command = trainer_cmd(1, [*common, *args])
-        return subprocess.run(
-            command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
-        )
+        return run_captured(trainer_cmd(1, [*common, *args]))
 
-    # A learning rate of 1e30 sends the weights past float32's range within a few steps:
-    # from then on every gradient is NaN.
-    diverge = ["--max_iters=200", "--learning_rate=1e30", "--min_lr=1e30"]
+    diverge = ["--max_iters=200", "--learning_rate=1e30", "--min_lr=1e30"]  # as DIVERGE
     diverging = train(*diverge, "--max_nonfinite_steps=5")
     err = diverging.stderr
     assert diverging.returncode == 2, err[-3000:]
@@ -1107,19 +1114,13 @@ def test_two_ranks_that_diverge_stop_together_with_exit_2(
     """Every rank reads the same counters at the same iterations: both stop, none hangs in
     a collective, and the launcher passes the ranks' exit code 2 through torchrun."""
     producers = start_two_producers(start_producer, redis7.url, shakespeare)
-    run = subprocess.run(
+    run = run_captured(
         [
             sys.executable, "-m", "services.trainer.launch", "--nproc_per_node=2",
             f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL,
-            f"--out_dir={tmp_path / 'run'}", "--eval_interval=1000", "--optimizer=adamw",
-            "--max_iters=200", "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0",
+            f"--out_dir={tmp_path / 'run'}", *DIVERGE, "--max_iters=200",
             "--checkpoint_interval=3", "--log_interval=2", "--max_nonfinite_steps=4",
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )  # fmt: skip
     assert [p.terminate() for p in producers] == [0, 0]
     err = run.stdout + run.stderr
@@ -1135,21 +1136,15 @@ def test_training_that_ends_with_diverged_weights_exits_2_without_checkpointing_
     redis7, shakespeare, start_producer, tmp_path
 ):
     producers = start_two_producers(start_producer, redis7.url, shakespeare)
-    run = subprocess.run(
+    run = run_captured(
         trainer_cmd(
             1,
             [
                 f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL,
-                f"--out_dir={tmp_path / 'run'}", "--eval_interval=1000", "--optimizer=adamw",
-                "--max_iters=12", "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0",
+                f"--out_dir={tmp_path / 'run'}", *DIVERGE, "--max_iters=12",
                 "--max_nonfinite_steps=0",  # never stops early: the end decides
             ],
-        ),
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        )
     )  # fmt: skip
     assert [p.terminate() for p in producers] == [0, 0]
     assert run.returncode == 2, run.stderr[-3000:]
