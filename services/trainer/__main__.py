@@ -44,12 +44,12 @@ from services.trainer.checkpoint import (  # noqa: E402 - after the environment 
     remove_stale_temporaries,
     would_replace,
 )
+from services.trainer.guard import TrainingDiverged  # noqa: E402 - after the environment above
 from services.trainer.launch import EXIT_DIR_ENV  # noqa: E402 - after the environment above
 from services.trainer.train import (  # noqa: E402 - after the environment above
     StepFailed,
     Trainer,
     TrainerConfigError,
-    TrainingDiverged,
 )
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
 from shared.exit_codes import ExitCode  # noqa: E402 - after the environment above

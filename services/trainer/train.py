@@ -50,6 +50,7 @@ from services.trainer.elbo import (
     windows_of,
 )
 from services.trainer.feed import MicroBatch, StreamFeed, to_host_tensor
+from services.trainer.guard import DivergenceGuard
 from services.trainer.model import MaskedLM, ModelConfig
 from shared.codec import Batch
 from shared.contract import ContractMismatch, check_meta, read_meta, schema_of
@@ -243,29 +244,6 @@ def check_queue_room(settings: TrainerConfig, world: int, max_backlog: int) -> N
         )
 
 
-class TrainingDiverged(RuntimeError):
-    """Steps in a row with a non-finite gradient (``max_nonfinite_steps`` of them), or
-    weights that are not finite when training ends."""
-
-    def __init__(self, message: str, iter_num: int) -> None:
-        super().__init__(message)
-        self.iter_num = iter_num
-
-
-FLOAT16_OVERFLOW_STREAK = 10  # 2**10 times below the loss scale that last overflowed
-RESTART_ADVICE = (
-    "a lower --learning_rate (or --muon_learning_rate), a smaller --grad_clip, or "
-    "--dtype=bfloat16 instead of float16"
-)
-
-
-def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all ``tensors`` together, on their device (inf when it overflows)."""
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
-
-
 class StepFailed(RuntimeError):
     """A training step raised; its entries have been charged one failure each."""
 
@@ -386,20 +364,22 @@ class Trainer:
         # Step N-1's entries: acked after step N's all-reduce (several ranks), or
         # once the device has run step N-1 (one GPU: _previous_step, its end).
         self.unacked_prev: list[bytes] = []
-        # Steps whose gradient was not finite: in a row, in all (on the device), and the
-        # total the loop last read.
-        self._nonfinite_run = torch.zeros((), dtype=torch.long, device=self.device)
-        self._nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
-        self._nonfinite_longest = torch.zeros((), dtype=torch.long, device=self.device)
+        self.guard = DivergenceGuard(
+            self.model,
+            self.optimizer,
+            self.scaler,
+            grad_clip=settings.grad_clip,
+            max_nonfinite_steps=settings.max_nonfinite_steps,
+            ckpt_path=self.ckpt_path,
+            checkpointed_iter=(
+                self.progress.iter_num
+                if self.ckpt_path.exists() and self.progress.iter_num
+                else None
+            ),
+            announce=self.d.master,
+        )
         # A checkpoint that came due during a streak: written after the first step out of it.
         self._checkpoint_pending = False
-        self._checkpointed_iter: int | None = (
-            self.progress.iter_num if self.ckpt_path.exists() and self.progress.iter_num else None
-        )
-        self._nonfinite_seen = 0
-        # A float16 loss scaler overflows now and then by design (it skips the step and
-        # halves its scale): a streak up to this long is not divergence.
-        self._tolerated = FLOAT16_OVERFLOW_STREAK if self.scaler.is_enabled() else 0
         self._previous_step: torch.cuda.Event | None = None
         self.held: list[bytes] = []  # ack_policy=checkpoint: everything since the last one
         self.wandb = self._init_wandb()
@@ -678,7 +658,7 @@ class Trainer:
         if self.s.ack_policy == "step":
             self.feed.ack(self.unacked_prev)
             self.unacked_prev = []
-        self._guard_gradient()
+        self.guard.step()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -702,114 +682,6 @@ class Trainer:
         else:
             self.held.extend(ids)
         return total
-
-    def _guard_gradient(self) -> None:
-        """Clip the step's gradient (``grad_clip``) and neutralize it when it is not finite.
-
-        A NaN or inf anywhere in the gradient (the model diverged; under float16, also
-        an overflow that the loss scaler skips) would otherwise reach every weight. All
-        of it runs on the device, without a host sync: such a step's gradient and the
-        optimizer's momentum are zeroed, so its update is nothing (AdamW's weight decay
-        aside). Counted in ``_nonfinite_run`` (steps in a row), ``_nonfinite_longest``
-        (the longest streak since the last read) and ``_nonfinite_total`` (those beyond
-        the loss scaler's tolerated streak), which the loop reads at each log interval
-        (:meth:`_check_divergence`)."""
-        self.scaler.unscale_(self.optimizer)  # a no-op unless the float16 scaler is on
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.s.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
-        else:
-            norm = total_norm(grads)
-        finite = torch.isfinite(norm)
-        zero = norm.new_zeros(())
-        for g in grads:
-            torch.where(finite, g, zero.to(g.dtype), out=g)
-        # The float16 scaler skips such a step outright (momentum untouched): only without
-        # it would the momentum of earlier steps still move the weights.
-        momentum = (
-            [
-                buf
-                for state in self.optimizer.state.values()
-                for key in ("exp_avg", "momentum_buffer")
-                if isinstance(buf := state.get(key), torch.Tensor)
-            ]
-            if not self.scaler.is_enabled()
-            else []
-        )
-        if momentum:
-            torch._foreach_mul_(momentum, finite.to(momentum[0].dtype))
-        self._nonfinite_run = (self._nonfinite_run + 1) * (~finite).long()
-        self._nonfinite_longest = torch.maximum(self._nonfinite_longest, self._nonfinite_run)
-        self._nonfinite_total += (self._nonfinite_run > self._tolerated).long()
-
-    def _check_divergence(self) -> None:
-        """At a log interval, every rank alike (the all-reduced gradient is the same
-        everywhere): count the steps whose gradient was not finite, and stop if
-        ``max_nonfinite_steps`` came in a row (beyond the tolerated streak) since the
-        last read."""
-        counters = (self._nonfinite_run, self._nonfinite_longest, self._nonfinite_total)
-        run, longest, total = torch.stack(counters).tolist()
-        self._nonfinite_longest = self._nonfinite_run.clone()
-        new = total - self._nonfinite_seen
-        if not new:
-            return
-        self._nonfinite_seen = total
-        tolerated = (
-            f", not counting the first {self._tolerated} in a row (the float16 loss scaler's)"
-            if self._tolerated
-            else ""
-        )
-        if self.d.master:
-            metrics.NONFINITE_STEPS.inc(new)
-            log.warning(
-                "%d step(s) up to iter %d had a non-finite gradient (NaN or inf) and changed "
-                "nothing; %d in a row now, %d at most since the last log line "
-                "(max_nonfinite_steps=%d%s)",
-                new,
-                self.progress.iter_num,
-                run,
-                longest,
-                self.s.max_nonfinite_steps,
-                tolerated,
-            )
-        limit = self.s.max_nonfinite_steps
-        if limit and longest - self._tolerated >= limit:
-            raise TrainingDiverged(
-                f"{longest} steps in a row (up to iter {self.progress.iter_num}) had a "
-                f"non-finite gradient: the model diverged (max_nonfinite_steps={limit}"
-                f"{tolerated}). {self._kept()}",
-                self.progress.iter_num,
-            )
-
-    def _kept(self) -> str:
-        """What the trainer leaves on disk when it stops for divergence."""
-        if self._checkpointed_iter is None:
-            return "Stopping; no checkpoint was written. Start again with " + RESTART_ADVICE
-        return (
-            f"Stopping without checkpointing this state; {self.ckpt_path} holds the last one "
-            f"written, at iter {self._checkpointed_iter}. Resume from it (--init_from=resume) "
-            "with " + RESTART_ADVICE
-        )
-
-    def _diverging(self, say: bool = True) -> str | None:
-        """Why no checkpoint may be written now, the same on every rank: "weights" when
-        they are not finite (or their norm overflows float32), "gradients" when the last
-        steps' gradients were not finite beyond the tolerated streak (such steps left the
-        weights as they were, but the next ones may not); None when it may. One host sync:
-        only where a checkpoint is due."""
-        params = [p.detach() for p in self.model.parameters()]
-        weights_ok = torch.isfinite(total_norm(params)).long()
-        run, finite_weights = torch.stack((self._nonfinite_run, weights_ok)).tolist()
-        why = "weights" if not finite_weights else "gradients" if run > self._tolerated else None
-        if why and say and self.d.master:
-            log.warning(
-                "not checkpointing at iter %d: %s; trying again after each step",
-                self.progress.iter_num,
-                "the weights are not finite (or their norm overflows float32)"
-                if why == "weights"
-                else f"the last {run} step(s) had a non-finite gradient",
-            )
-        return why
 
     def _ack_after_previous_step(self, ids: list[bytes], done: torch.cuda.Event) -> None:
         """Alone on a GPU, with this step queued (``done``: recorded after it):
@@ -990,7 +862,7 @@ class Trainer:
         # and all call the same collectives next (the run's last checkpoint is retried).
         written = self._all_ready(written)
         if written:
-            self._checkpointed_iter = self.progress.iter_num
+            self.guard.checkpointed(self.progress.iter_num)
         if self.s.ack_policy == "checkpoint" and not written:
             raise CheckpointWriteError(
                 f"the checkpoint in {self.s.out_dir} could not be written, and under "
@@ -1065,7 +937,7 @@ class Trainer:
             p.tokens += self.tokens_per_step
             steps_since += 1
             if p.iter_num % s.log_interval == 0:
-                self._check_divergence()
+                self.guard.check(p.iter_num)
             if p.iter_num % s.log_interval == 0 and self.d.master:
                 # Read back only here (as nanoGPT does): a read every step would
                 # make the host wait for the device before queueing the next step.
@@ -1108,17 +980,12 @@ class Trainer:
             due = s.checkpoint_interval and p.iter_num % s.checkpoint_interval == 0
             if due or self._checkpoint_pending:
                 # Pending: one host sync per step until the streak is over (rare).
-                self._checkpoint_pending = self._diverging(say=bool(due)) is not None
+                self._checkpoint_pending = (
+                    self.guard.blocks_checkpoint(p.iter_num, say=bool(due)) is not None
+                )
                 if not self._checkpoint_pending and self.checkpoint():
                     checkpointed_at = p.iter_num
-        # The last checkpoint cannot wait for a streak to end: non-finite steps left the
-        # weights as they were, so only weights that are themselves not finite stop it.
-        if self._diverging(say=False) == "weights":
-            raise TrainingDiverged(
-                f"training ended (iter {p.iter_num}) with weights that are not finite (or "
-                f"whose norm overflows float32): the model diverged. {self._kept()}",
-                p.iter_num,
-            )
+        self.guard.check_final_weights(p.iter_num)
         # The last one is tried again if the last interval's failed.
         written = checkpointed_at == p.iter_num or self.checkpoint()
         if math.isnan(val_loss) and not stopped_early:
