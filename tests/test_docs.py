@@ -8,6 +8,7 @@ lists a layout path that is gone, or leaves an alert out of the runbook.
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from collections.abc import Iterator
@@ -145,8 +146,15 @@ def argparse_flags(path: Path) -> set[str]:
 
 
 def hand_parsed_flags(path: Path) -> set[str]:
-    """Flags a module picks out of argv itself (``a.startswith("--bench_steps=")``)."""
-    return set(re.findall(r"startswith\(\s*[\"']--([\w-]+)=", path.read_text()))
+    """Flags a module picks out of argv itself (``a.startswith("--bench_steps=")``, or the
+    names of a module-level ``OPTIONS`` mapping, as the trainer's launcher has)."""
+    text = path.read_text()
+    flags = set(re.findall(r"startswith\(\s*[\"']--([\w-]+)=", text))
+    for node in ast.parse(text).body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == "OPTIONS" for t in targets):
+            flags |= set(ast.literal_eval(node.value))
+    return flags
 
 
 def normalized(names: set[str] | frozenset[str]) -> set[str]:
@@ -173,7 +181,8 @@ def valid_flags(module: str | None) -> tuple[frozenset[str], bool]:
 def every_flag() -> frozenset[str]:
     """Any flag some entry point takes: for a flag named in prose, outside a command."""
     names = set(settings_fields())
-    for path in [ROOT / "services/trainer/sample.py", *sorted((ROOT / "benchmarks").glob("*.py"))]:
+    entry_points = [ROOT / "services/trainer/sample.py", ROOT / "services/trainer/launch.py"]
+    for path in [*entry_points, *sorted((ROOT / "benchmarks").glob("*.py"))]:
         names |= argparse_flags(path) | hand_parsed_flags(path)
     return frozenset(normalized(names) | {"help"})
 

@@ -3,6 +3,7 @@ exit code 2 or 3 comes through torchrun (which reports any failed rank as 1)."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from services.trainer.launch import nodes_arguments, relay_stderr
 from tests.helpers import REPO, SMALL_RECIPE
 
 
@@ -31,6 +33,19 @@ def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--nproc_per_node", "1"], "give --nproc_per_node=N (or =gpu) as one argument"),
         (["--nproc_per_node=0"], "use a positive integer, or gpu"),
         (["--nproc_per_node=1", "--learning_rate=-1"], "learning_rate"),
+        (["--nnodes", "2"], "give --nnodes=M as one argument"),
+        (["--nnodes=2", "--master_addr=10.0.0.1"], "--nnodes=2 needs --node_rank=K (0 to 1"),
+        (["--nnodes=2", "--node_rank=0"], "and --master_addr=HOST"),
+        (
+            ["--nnodes=2", "--node_rank=2", "--master_addr=h"],
+            "--node_rank=2: use an integer from 0 to 1",
+        ),
+        (["--nnodes=0"], "--nnodes=0: use an integer from 1"),
+        (["--node_rank=1"], "--node_rank is for several machines: give --nnodes=M too"),
+        (
+            ["--nnodes=2", "--node_rank=1", "--master_addr=h", "--master_port=http"],
+            "--master_port=http",
+        ),
     ],
 )
 def test_a_mistake_is_one_message_before_torchrun_starts(args, said):
@@ -60,3 +75,38 @@ def test_a_ranks_own_exit_code_comes_through_torchrun(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "device=cuda but torch sees no GPU" in proc.stdout + proc.stderr
     assert "launch: rank0 exited 2" in proc.stderr
+
+
+def test_the_machines_of_a_run_become_torchruns_rendezvous():
+    assert nodes_arguments({}) == ["--standalone"]
+    assert nodes_arguments({"nnodes": "1"}) == ["--standalone"]
+    several = {"nnodes": "4", "node_rank": "3", "master_addr": "node0.cluster"}
+    assert nodes_arguments(several) == [
+        "--nnodes=4", "--node_rank=3", "--master_addr=node0.cluster", "--master_port=29500",
+    ]  # fmt: skip
+    assert nodes_arguments({**several, "master_port": "1234"})[-1] == "--master_port=1234"
+
+
+def test_torchruns_own_traceback_is_left_out_and_a_ranks_passes_whole():
+    rank_traceback = (
+        b"Traceback (most recent call last):\n"
+        b'  File "services/trainer/train.py", line 1, in run\n'
+        b"    step()\n"
+        b"RuntimeError: a bug\n"
+    )
+    torchrun_traceback = (
+        b"Traceback (most recent call last):\n"
+        b'  File "torch/distributed/run.py", line 1032, in <module>\n'
+        b"    main()\n"
+    )
+    summary = (  # torchrun's exception line heads it
+        b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        b"=====\nservices.trainer FAILED\n  exitcode  : 2 (pid: 7)\n=====\n"
+    )
+    unfinished = b'Traceback (most recent call last):\n  File "x.py", line 2\n'
+    source = io.BytesIO(
+        b"ERROR the rank says why\n" + rank_traceback + torchrun_traceback + summary + unfinished
+    )
+    sink = io.BytesIO()
+    relay_stderr(source, sink)
+    assert sink.getvalue() == (b"ERROR the rank says why\n" + rank_traceback + summary + unfinished)

@@ -31,7 +31,7 @@ from services.trainer.feed import MicroBatch
 from services.trainer.model import MaskedLM, ModelConfig
 from services.trainer.train import Dist, Trainer, set_learning_rate, wait_for_contract
 from shared.codec import Batch, encode
-from shared.redis_server import RedisServer
+from shared.redis_server import RedisServer, free_port
 from shared.settings import TrainerConfig, load_settings
 from shared.streams import PAYLOAD_FIELD, StreamKeys, connect
 from tests.accounting import acked_entries, close_accounts
@@ -121,6 +121,86 @@ def test_two_ranks_ack_every_entry_exactly_once(redis7, shakespeare, start_produ
         # Printed to 0.1 points, and tokens/s to the unit: the tolerance is both roundings.
         tolerance = 0.05 + 100 * 0.5 * flops / 2e9 + 1e-9
         assert float(mfu) == pytest.approx(100 * int(tokens_per_s) * flops / 2e9, abs=tolerance)
+
+
+def run_two_machines(args: list[str], per_node: list[list[str]], tmp_path: Path) -> list[str]:
+    """Two launchers as two machines of one run (``--nnodes=2``), one CPU rank each, meeting
+    on loopback; ``per_node``: each one's own settings. Their outputs, once both exited; a
+    launcher that runs past 240 s fails the test."""
+    master = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    nodes = []
+    for rank, own in enumerate(per_node):
+        log = open(tmp_path / f"node{rank}.log", "w")  # noqa: SIM115
+        command = [
+            sys.executable, "-m", "services.trainer.launch", "--nproc_per_node=1", *master,
+            f"--node_rank={rank}", *args, f"--trainer_metrics_port={free_port()}", *own,
+        ]  # fmt: skip
+        nodes.append((subprocess.Popen(command, cwd=REPO, env=env(), stdout=log, stderr=log), log))
+    codes = []
+    for proc, log in nodes:
+        try:
+            codes.append(proc.wait(timeout=240))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    return [
+        f"exit {code}\n" + (tmp_path / f"node{i}.log").read_text() for i, code in enumerate(codes)
+    ]
+
+
+def test_two_machines_train_one_run_and_ack_every_entry_once(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    ack_log, run = tmp_path / "acks", tmp_path / "run"
+    args = [
+        f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL, "--max_iters=20",
+        "--eval_interval=20", "--checkpoint_interval=10", f"--out_dir={run}",
+        f"--ack_log={ack_log}",
+    ]  # fmt: skip
+    outs = run_two_machines(args, [[], []], tmp_path)
+    assert [out.split("\n", 1)[0] for out in outs] == ["exit 0", "exit 0"], outs[0][-3000:]
+    assert [p.terminate() for p in producers] == [0, 0]
+    accounts = close_accounts(redis7.client(), acked_entries(ack_log))
+    assert accounts["acked"] == 40  # 20 steps x 2 ranks, each entry trained on once
+    ckpt = Checkpoint.load(run / "ckpt.pt")
+    assert ckpt.iter_num == 20 and ckpt.stream["world"] == 2
+    assert "val loss" in outs[0]  # the first machine holds rank 0
+
+
+@pytest.mark.parametrize("second_has", ["a later checkpoint", "no checkpoint"])
+def test_machines_that_resume_from_different_checkpoints_refuse_together(
+    redis7, shakespeare, start_producer, tmp_path, second_has
+):
+    """Each rank reads out_dir itself: without a shared directory the machines' checkpoints
+    differ, and every rank stops before training (none waits for the others): exit 2 for
+    checkpoints of different iterations, 3 when a rank has none to resume from."""
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    common = [f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL]
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_trainer(1, [*common, "--max_iters=5", f"--out_dir={first}"], tmp_path / "a.log")
+    if second_has == "a later checkpoint":
+        run_trainer(1, [*common, "--max_iters=10", f"--out_dir={second}", "--run_name=other"],
+                    tmp_path / "b.log")  # fmt: skip
+    outs = run_two_machines(
+        [*common, "--max_iters=20", "--init_from=resume", "--run_name=both"],
+        [[f"--out_dir={first}"], [f"--out_dir={second}"]],
+        tmp_path,
+    )
+    assert [p.terminate() for p in producers] == [0, 0]
+    for out in outs:
+        assert "Traceback" not in out, out[-3000:]
+        if second_has == "a later checkpoint":
+            assert out.startswith("exit 2\n"), out[-3000:]
+            assert "different iterations in out_dir (from 5 to 10" in out, out[-3000:]
+            assert "must be one shared directory" in out
+        else:
+            assert out.startswith("exit 3\n"), out[-3000:]
+    if second_has == "no checkpoint":
+        assert "another rank could not resume" in outs[0], outs[0][-3000:]
+        assert f"no checkpoint at {second}" in outs[1], outs[1][-3000:]
+    assert Checkpoint.load(first / "ckpt.pt").iter_num == 5
 
 
 def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int | None:
@@ -1126,6 +1206,7 @@ def test_two_ranks_that_diverge_stop_together_with_exit_2(
     err = run.stdout + run.stderr
     assert run.returncode == 2, err[-3000:]
     assert "launch: rank0 exited 2" in err or "launch: rank1 exited 2" in err, err[-3000:]
+    assert "Traceback" not in err  # torchrun's own, of its ChildFailedError, is left out
     assert len(re.findall(r"steps in a row \(up to iter \d+\) had a non-finite", err)) == 2
     assert "no checkpoint was written" in err
     assert not (tmp_path / "run" / "ckpt.pt").exists()

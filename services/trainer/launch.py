@@ -1,6 +1,11 @@
 """``python -m services.trainer.launch [--nproc_per_node=N] [--key=value ...]``:
 torchrun on this machine's GPUs (or N CPU processes), stopped cleanly.
 
+On several machines, start it on each with the same settings and
+``--nnodes=M --node_rank=K --master_addr=HOST [--master_port=29500]`` (K from 0 to
+M-1; HOST: the machine of node 0, reachable from every other). Every node needs
+the same ``out_dir`` (a shared filesystem) for checkpoints and resumes.
+
 torchrun forwards SIGTERM to its ranks but then exits 1 itself, even when
 every rank checkpointed and exited 0; a container's restart policy or a script
 then sees a failure. This launcher runs torchrun in its own session and, on
@@ -23,7 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from shared.exit_codes import ExitCode
 
@@ -72,15 +79,73 @@ def _ranks_code(exit_dir: Path, torchrun_code: int) -> int:
     return code
 
 
+# The launcher's own options (torchrun's), each given as --name=VALUE: what VALUE is.
+OPTIONS = {
+    "nproc_per_node": "N (or =gpu)",
+    "nnodes": "M",
+    "node_rank": "K",
+    "master_addr": "HOST",
+    "master_port": "PORT",
+}
+
+
+class LaunchError(ValueError):
+    """A launcher option that cannot work; the message names it and the fix."""
+
+
+def _int_option(options: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = options.get(name)
+    if value is None:
+        return default
+    if not (value.isdigit() and low <= int(value) <= high):
+        raise LaunchError(f"--{name}={value}: use an integer from {low} to {high}")
+    return int(value)
+
+
+def nodes_arguments(options: dict[str, str]) -> list[str]:
+    """torchrun's arguments for the machines of the run: ``--standalone`` on one, a static
+    rendezvous at node 0 (``master_addr``:``master_port``) on several."""
+    nnodes = _int_option(options, "nnodes", 1, 1, 65535)
+    if nnodes == 1:
+        extra = [name for name in ("node_rank", "master_addr", "master_port") if name in options]
+        if extra:
+            raise LaunchError(
+                f"--{extra[0]} is for several machines: give --nnodes=M too (or leave it out)"
+            )
+        return ["--standalone"]
+    if "node_rank" not in options or not options.get("master_addr"):
+        raise LaunchError(
+            f"--nnodes={nnodes} needs --node_rank=K (0 to {nnodes - 1}, one per machine) and "
+            "--master_addr=HOST (node 0's machine, reachable from every other)"
+        )
+    node_rank = _int_option(options, "node_rank", 0, 0, nnodes - 1)
+    port = _int_option(options, "master_port", 29500, 1, 65535)
+    return [
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={options['master_addr']}",
+        f"--master_port={port}",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     from shared.settings import SettingsError, TrainerConfig, load_settings
 
     argv = sys.argv[1:] if argv is None else argv
-    if "--nproc_per_node" in argv:
-        print("launch: give --nproc_per_node=N (or =gpu) as one argument", file=sys.stderr)
+    bare = next((a[2:] for a in argv if a[2:] in OPTIONS and a.startswith("--")), None)
+    if bare is not None:
+        print(f"launch: give --{bare}={OPTIONS[bare]} as one argument", file=sys.stderr)
         return ExitCode.CONFIG
-    nproc = next((a.split("=", 1)[1] for a in argv if a.startswith("--nproc_per_node=")), None)
-    settings = [a for a in argv if not a.startswith("--nproc_per_node=")]
+    options = {
+        name: a.split("=", 1)[1] for a in argv for name in OPTIONS if a.startswith(f"--{name}=")
+    }
+    settings = [a for a in argv if not any(a.startswith(f"--{name}=") for name in OPTIONS)]
+    nproc = options.get("nproc_per_node")
+    try:
+        nodes = nodes_arguments(options)
+    except LaunchError as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     try:
         load_settings(settings, env=None, service=TrainerConfig, exit_on_help=False)
     except SettingsError as exc:
@@ -104,18 +169,47 @@ def main(argv: list[str] | None = None) -> int:
         nproc = str(max(1, gpus))
     exit_dir = Path(tempfile.mkdtemp(prefix="maskstream-launch-"))
     try:
-        return _ranks_code(exit_dir, _run(nproc, settings, exit_dir))
+        return _ranks_code(exit_dir, _run(nproc, nodes, settings, exit_dir))
     finally:
         shutil.rmtree(exit_dir, ignore_errors=True)
 
 
-def _run(nproc: str, settings: list[str], exit_dir: Path) -> int:
-    """torchrun with ``nproc`` ranks, stopped cleanly on SIGTERM or Ctrl-C; its code."""
+# The exception torchrun raises of itself when a rank fails; its summary of the failed ranks
+# follows it.
+TORCHRUN_FAILURE = b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+
+
+def relay_stderr(source: IO[bytes], sink: IO[bytes]) -> None:
+    """Copy torchrun's stderr (its ranks' too) line by line to ``sink``, leaving out the
+    Python traceback torchrun prints of itself when a rank fails: the rank's own log says
+    why, and torchrun's summary of the failed ranks stays. Any other traceback (a rank's
+    own) passes whole."""
+    held: list[bytes] = []  # a traceback's lines, until its exception line says whose
+    for line in iter(source.readline, b""):
+        if held:
+            if line[:1] in (b" ", b"\t"):
+                held.append(line)
+                continue
+            if not line.startswith(TORCHRUN_FAILURE):
+                sink.write(b"".join(held))
+            held = []
+        if line.startswith(b"Traceback (most recent call last):"):
+            held = [line]
+            continue
+        sink.write(line)
+        sink.flush()
+    sink.write(b"".join(held))
+    sink.flush()
+
+
+def _run(nproc: str, nodes: list[str], settings: list[str], exit_dir: Path) -> int:
+    """torchrun with ``nproc`` ranks here (``nodes``: its arguments for the machines of
+    the run), stopped cleanly on SIGTERM or Ctrl-C; its code."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *nodes,
         f"--nproc_per_node={nproc}",
         "--max-restarts=0",
         "-m",
@@ -151,8 +245,24 @@ def _run(nproc: str, settings: list[str], exit_dir: Path) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     torchrun = subprocess.Popen(
-        command, start_new_session=True, env={**os.environ, EXIT_DIR_ENV: str(exit_dir)}
+        command,
+        start_new_session=True,
+        env={**os.environ, EXIT_DIR_ENV: str(exit_dir)},
+        stderr=subprocess.PIPE,
     )
+    relay = threading.Thread(
+        target=relay_stderr, args=(torchrun.stderr, sys.stderr.buffer), name="stderr", daemon=True
+    )
+    relay.start()
+    code = _wait(torchrun, stopping, signal_ranks)
+    relay.join(timeout=5.0)  # the ranks' last lines, before the launcher's own
+    return code
+
+
+def _wait(
+    torchrun: subprocess.Popen, stopping: threading.Event, signal_ranks: Callable[[], None]
+) -> int:
+    """torchrun's exit code; once ``stopping`` is set, the ranks have GRACE_S to stop."""
     deadline: float | None = None
     while True:
         try:

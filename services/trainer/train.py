@@ -302,10 +302,17 @@ class Trainer:
         except ValueError:
             log.warning("ignoring %s = %r: not an integer", keys.max_backlog, published)
             max_backlog = settings.max_backlog
-        check_queue_room(settings, d.world, max_backlog)
-        trainer = cls(
-            settings, stop, meta, client=client, dist_info=d, device=device, redis_state=state
-        )
+        try:
+            check_queue_room(settings, d.world, max_backlog)
+            trainer = cls(
+                settings, stop, meta, client=client, dist_info=d, device=device, redis_state=state
+            )
+        except BaseException:
+            # A refusal (every rank alike): leave the process group, or the process aborts
+            # at exit ("terminate called without an active exception").
+            if d.enabled:
+                dist.destroy_process_group()
+            raise
         trainer.max_backlog = max_backlog
         return trainer
 
@@ -331,7 +338,7 @@ class Trainer:
             torch.set_num_threads(settings.torch_threads)
         self._adopt_contract(meta)
         self.ckpt_path = checkpoint_path(settings.out_dir)
-        resume = self._load_resume()
+        resume = self._agree_on_resume()
         try:
             self._build_model(resume)
             self._build_optimizer(resume)
@@ -412,6 +419,42 @@ class Trainer:
         checkpoint = Checkpoint.load(self.ckpt_path)
         checkpoint.check_contract(self.keys, self.meta)
         return checkpoint
+
+    def _agree_on_resume(self) -> Checkpoint | None:
+        """Load the checkpoint to resume from, and make sure every rank resumes from the same
+        iteration: each reads ``out_dir`` itself, so on several machines it must be one
+        shared directory. Every rank takes the same decision (one small all-reduce): a rank
+        that stopped alone would leave its peers waiting in DDP's first collective."""
+        failure: Exception | None = None
+        try:
+            resume = self._load_resume()
+        except (CheckpointError, ContractMismatch) as exc:
+            failure, resume = exc, None
+        if not self.d.enabled:
+            if failure is not None:
+                raise failure
+            return resume
+        it = -1 if resume is None else resume.iter_num
+        found = torch.tensor([int(failure is not None), it, -it], device=self.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        failed, newest, oldest = found.tolist()
+        oldest = -oldest
+        shared = (
+            f"every rank reads out_dir ({self.s.out_dir} here) itself, so on several machines "
+            "it must be one shared directory"
+        )
+        if failure is not None:
+            raise failure
+        if failed:
+            raise CheckpointError(
+                f"another rank could not resume from its checkpoint (its log says why); {shared}"
+            )
+        if newest != oldest:
+            raise TrainerConfigError(
+                f"the ranks found checkpoints of different iterations in out_dir (from {oldest} "
+                f"to {newest}): {shared}"
+            )
+        return resume
 
     def _build_model(self, resume: Checkpoint | None) -> None:
         self.amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[
