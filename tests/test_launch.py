@@ -34,6 +34,9 @@ def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--nproc_per_node=0"], "use a positive integer, or gpu"),
         (["--nproc_per_node=1", "--learning_rate=-1"], "learning_rate"),
         (["--nnodes", "2"], "give --nnodes=M as one argument"),
+        (["--nproc-per-node", "2"], "give --nproc_per_node=N (or =gpu) as one argument"),
+        (["--nnodes=\u00b2"], "use an integer from 1"),
+        (["--nproc_per_node=\u00b2"], "use a positive integer, or gpu"),
         (["--nnodes=2", "--master_addr=10.0.0.1"], "--nnodes=2 needs --node_rank=K (0 to 1"),
         (["--nnodes=2", "--node_rank=0"], "and --master_addr=HOST"),
         (
@@ -110,3 +113,16 @@ def test_torchruns_own_traceback_is_left_out_and_a_ranks_passes_whole():
     sink = io.BytesIO()
     relay_stderr(source, sink)
     assert sink.getvalue() == (b"ERROR the rank says why\n" + rank_traceback + summary + unfinished)
+
+
+def test_a_relay_whose_stderr_is_gone_reads_on_so_the_ranks_never_block():
+    class Gone(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    source = io.BytesIO(b"a rank's line\n" * 100_000)
+    relay_stderr(source, Gone())
+    assert source.tell() == len(source.getvalue())  # read to the end

@@ -3,6 +3,7 @@ a real redis-server and real producers; accounting checked entry by entry."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -169,13 +170,13 @@ def test_two_machines_train_one_run_and_ack_every_entry_once(
     assert "val loss" in outs[0]  # the first machine holds rank 0
 
 
-@pytest.mark.parametrize("second_has", ["a later checkpoint", "no checkpoint"])
+@pytest.mark.parametrize("second_has", ["a later checkpoint", "no checkpoint", "scratch"])
 def test_machines_that_resume_from_different_checkpoints_refuse_together(
     redis7, shakespeare, start_producer, tmp_path, second_has
 ):
     """Each rank reads out_dir itself: without a shared directory the machines' checkpoints
     differ, and every rank stops before training (none waits for the others): exit 2 for
-    checkpoints of different iterations, 3 when a rank has none to resume from."""
+    another checkpoint or for init_from=scratch on one machine, 3 when a rank has none."""
     producers = start_two_producers(start_producer, redis7.url, shakespeare)
     common = [f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL]
     first, second = tmp_path / "first", tmp_path / "second"
@@ -183,24 +184,45 @@ def test_machines_that_resume_from_different_checkpoints_refuse_together(
     if second_has == "a later checkpoint":
         run_trainer(1, [*common, "--max_iters=10", f"--out_dir={second}", "--run_name=other"],
                     tmp_path / "b.log")  # fmt: skip
+    init = "--init_from=scratch" if second_has == "scratch" else "--init_from=resume"
     outs = run_two_machines(
-        [*common, "--max_iters=20", "--init_from=resume", "--run_name=both"],
-        [[f"--out_dir={first}"], [f"--out_dir={second}"]],
+        [*common, "--max_iters=20", "--run_name=both"],
+        [[f"--out_dir={first}", "--init_from=resume"], [f"--out_dir={second}", init]],
         tmp_path,
     )
     assert [p.terminate() for p in producers] == [0, 0]
+    said = {
+        "a later checkpoint": "different checkpoints in out_dir (iterations 5 to 10",
+        "scratch": "some ranks start from scratch and others resume from iteration 5",
+    }
     for out in outs:
         assert "Traceback" not in out, out[-3000:]
-        if second_has == "a later checkpoint":
+        if second_has in said:
             assert out.startswith("exit 2\n"), out[-3000:]
-            assert "different iterations in out_dir (from 5 to 10" in out, out[-3000:]
-            assert "must be one shared directory" in out
+            assert said[second_has] in out and "must be one shared directory" in out, out[-3000:]
         else:
             assert out.startswith("exit 3\n"), out[-3000:]
     if second_has == "no checkpoint":
         assert "another rank could not resume" in outs[0], outs[0][-3000:]
         assert f"no checkpoint at {second}" in outs[1], outs[1][-3000:]
     assert Checkpoint.load(first / "ckpt.pt").iter_num == 5
+
+
+def test_a_weights_digest_tells_copies_from_other_checkpoints(tmp_path):
+    config = ModelConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    torch.manual_seed(0)
+    model = MaskedLM(config).state_dict()
+    ckpt = Checkpoint(model=model, model_config=config, itos=list("abcd_"), mask_token_id=4,
+                      fingerprint="f", meta={}, iter_num=5)  # fmt: skip
+    ckpt.save(tmp_path / "a" / "ckpt.pt")
+    copy = Checkpoint.load(tmp_path / "a" / "ckpt.pt")
+    assert copy.weights_digest() == ckpt.weights_digest()
+    assert 0 <= ckpt.weights_digest() < 2**62
+    other = {k: v.clone() for k, v in model.items()}
+    next(iter(other.values())).view(-1)[0] += 1e-3
+    assert dataclasses.replace(ckpt, model=other).weights_digest() != ckpt.weights_digest()
+    halves = {k: v.to(torch.bfloat16) for k, v in model.items()}
+    assert dataclasses.replace(ckpt, model=halves).weights_digest() != ckpt.weights_digest()
 
 
 def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int | None:

@@ -324,6 +324,16 @@ class Checkpoint:
         if self.fingerprint != meta["fingerprint"]:
             check_meta(keys, meta, {**self.meta, "fingerprint": self.fingerprint})
 
+    def weights_digest(self) -> int:
+        """A 62-bit digest of the model's weights (names, dtypes, shapes and bytes): equal
+        for copies of one checkpoint, different for any other."""
+        h = hashlib.blake2b(digest_size=8)
+        for name in sorted(self.model):
+            tensor = self.model[name].detach().cpu().contiguous()
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        return int.from_bytes(h.digest(), "little") >> 2
+
     def last_val_loss(self) -> float | None:
         """The validation loss of the last evaluation, if the run made one."""
         return self.history[-1]["val_loss"] if self.history else None

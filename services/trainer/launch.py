@@ -97,7 +97,7 @@ def _int_option(options: dict[str, str], name: str, default: int, low: int, high
     value = options.get(name)
     if value is None:
         return default
-    if not (value.isdigit() and low <= int(value) <= high):
+    if not (value.isdecimal() and value.isascii() and low <= int(value) <= high):
         raise LaunchError(f"--{name}={value}: use an integer from {low} to {high}")
     return int(value)
 
@@ -132,14 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     from shared.settings import SettingsError, TrainerConfig, load_settings
 
     argv = sys.argv[1:] if argv is None else argv
-    bare = next((a[2:] for a in argv if a[2:] in OPTIONS and a.startswith("--")), None)
-    if bare is not None:
-        print(f"launch: give --{bare}={OPTIONS[bare]} as one argument", file=sys.stderr)
-        return ExitCode.CONFIG
-    options = {
-        name: a.split("=", 1)[1] for a in argv for name in OPTIONS if a.startswith(f"--{name}=")
-    }
-    settings = [a for a in argv if not any(a.startswith(f"--{name}=") for name in OPTIONS)]
+    options: dict[str, str] = {}
+    settings = []
+    for arg in argv:
+        name, has_value, value = arg[2:].partition("=")
+        name = name.replace("-", "_")  # torchrun's spellings too (--nproc-per-node)
+        if not arg.startswith("--") or name not in OPTIONS:
+            settings.append(arg)
+        elif not has_value:
+            print(f"launch: give --{name}={OPTIONS[name]} as one argument", file=sys.stderr)
+            return ExitCode.CONFIG
+        else:
+            options[name] = value
     nproc = options.get("nproc_per_node")
     try:
         nodes = nodes_arguments(options)
@@ -151,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    if nproc is not None and nproc != "gpu" and not (nproc.isdigit() and int(nproc) >= 1):
+    if (
+        nproc is not None
+        and nproc != "gpu"
+        and not (nproc.isdecimal() and nproc.isascii() and int(nproc) >= 1)
+    ):
         print(
             f"launch: --nproc_per_node={nproc}: use a positive integer, or gpu (one per GPU)",
             file=sys.stderr,
@@ -185,21 +193,33 @@ def relay_stderr(source: IO[bytes], sink: IO[bytes]) -> None:
     why, and torchrun's summary of the failed ranks stays. Any other traceback (a rank's
     own) passes whole."""
     held: list[bytes] = []  # a traceback's lines, until its exception line says whose
+    broken = False  # the launcher's stderr is gone: go on reading, or the ranks would block
+
+    def write(data: bytes) -> None:
+        nonlocal broken
+        if broken or not data:
+            return
+        view = memoryview(data)
+        try:
+            while view:  # a raw file may take part of it
+                view = view[sink.write(view) or len(view) :]
+            sink.flush()
+        except OSError:
+            broken = True
+
     for line in iter(source.readline, b""):
         if held:
             if line[:1] in (b" ", b"\t"):
                 held.append(line)
                 continue
             if not line.startswith(TORCHRUN_FAILURE):
-                sink.write(b"".join(held))
+                write(b"".join(held))
             held = []
         if line.startswith(b"Traceback (most recent call last):"):
             held = [line]
             continue
-        sink.write(line)
-        sink.flush()
-    sink.write(b"".join(held))
-    sink.flush()
+        write(line)
+    write(b"".join(held))
 
 
 def _run(nproc: str, nodes: list[str], settings: list[str], exit_dir: Path) -> int:
@@ -234,12 +254,13 @@ def _run(nproc: str, nodes: list[str], settings: list[str], exit_dir: Path) -> i
         if stopping.is_set():
             return
         stopping.set()
-        print(
-            f"launch: {signal.Signals(signum).name}: asking the ranks to checkpoint and stop",
-            file=sys.stderr,
-            flush=True,
-        )
-        signal_ranks()
+        signal_ranks()  # first: a stderr that is gone (a closed terminal) must not stop it
+        with contextlib.suppress(OSError):
+            print(
+                f"launch: {signal.Signals(signum).name}: asked the ranks to checkpoint and stop",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # Before torchrun starts: a signal in between must not orphan it.
     signal.signal(signal.SIGTERM, stop)
@@ -250,8 +271,10 @@ def _run(nproc: str, nodes: list[str], settings: list[str], exit_dir: Path) -> i
         env={**os.environ, EXIT_DIR_ENV: str(exit_dir)},
         stderr=subprocess.PIPE,
     )
+    # Unbuffered: a relay still writing when the launcher exits holds no buffer's lock.
+    stderr = open(sys.stderr.fileno(), "wb", buffering=0, closefd=False)  # noqa: SIM115
     relay = threading.Thread(
-        target=relay_stderr, args=(torchrun.stderr, sys.stderr.buffer), name="stderr", daemon=True
+        target=relay_stderr, args=(torchrun.stderr, stderr), name="stderr", daemon=True
     )
     relay.start()
     code = _wait(torchrun, stopping, signal_ranks)
@@ -274,12 +297,16 @@ def _wait(
             deadline = deadline or time.monotonic() + GRACE_S
             if time.monotonic() < deadline:
                 continue
-        print("launch: the ranks did not stop in time; stopping torchrun", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            print("launch: the ranks did not stop in time; stopping torchrun", file=sys.stderr)
         torchrun.terminate()
         try:
-            return torchrun.wait(timeout=30)
+            # torchrun itself gives its ranks 30 s after a SIGTERM before it kills them.
+            return torchrun.wait(timeout=40)
         except subprocess.TimeoutExpired:
-            torchrun.kill()
+            # torchrun leads its own session: its ranks go with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(torchrun.pid, signal.SIGKILL)
             return torchrun.wait()
 
 

@@ -308,10 +308,12 @@ class Trainer:
                 settings, stop, meta, client=client, dist_info=d, device=device, redis_state=state
             )
         except BaseException:
-            # A refusal (every rank alike): leave the process group, or the process aborts
-            # at exit ("terminate called without an active exception").
+            # Leave the process group, or the process aborts at exit ("terminate called
+            # without an active exception"). Ranks refuse alike where they agree first (the
+            # resume); any other failure here stops this rank alone, and torchrun the rest.
             if d.enabled:
-                dist.destroy_process_group()
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
             raise
         trainer.max_backlog = max_backlog
         return trainer
@@ -422,8 +424,8 @@ class Trainer:
 
     def _agree_on_resume(self) -> Checkpoint | None:
         """Load the checkpoint to resume from, and make sure every rank resumes from the same
-        iteration: each reads ``out_dir`` itself, so on several machines it must be one
-        shared directory. Every rank takes the same decision (one small all-reduce): a rank
+        one (iteration and weights), or every rank starts from scratch: each reads ``out_dir``
+        itself, so on several machines it must be one shared directory. Every rank takes the same decision (one small all-reduce): a rank
         that stopped alone would leave its peers waiting in DDP's first collective."""
         failure: Exception | None = None
         try:
@@ -434,11 +436,14 @@ class Trainer:
             if failure is not None:
                 raise failure
             return resume
+        # Every value and its negation under one MAX: the largest and the smallest.
         it = -1 if resume is None else resume.iter_num
-        found = torch.tensor([int(failure is not None), it, -it], device=self.device)
+        digest = -1 if resume is None else resume.weights_digest()
+        values = [int(failure is not None), it, -it, digest, -digest]
+        found = torch.tensor(values, dtype=torch.long, device=self.device)
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        failed, newest, oldest = found.tolist()
-        oldest = -oldest
+        failed, newest, oldest, digest_max, digest_min = found.tolist()
+        oldest, digest_min = -oldest, -digest_min
         shared = (
             f"every rank reads out_dir ({self.s.out_dir} here) itself, so on several machines "
             "it must be one shared directory"
@@ -449,10 +454,15 @@ class Trainer:
             raise CheckpointError(
                 f"another rank could not resume from its checkpoint (its log says why); {shared}"
             )
-        if newest != oldest:
+        if oldest == -1 and newest != -1:
             raise TrainerConfigError(
-                f"the ranks found checkpoints of different iterations in out_dir (from {oldest} "
-                f"to {newest}): {shared}"
+                f"some ranks start from scratch and others resume from iteration {newest}: "
+                f"give every rank the same init_from; {shared}"
+            )
+        if newest != oldest or digest_max != digest_min:
+            raise TrainerConfigError(
+                "the ranks found different checkpoints in out_dir (iterations "
+                f"{oldest} to {newest}, or other weights): {shared}"
             )
         return resume
 
