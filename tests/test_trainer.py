@@ -208,6 +208,29 @@ def test_machines_that_resume_from_different_checkpoints_refuse_together(
     assert Checkpoint.load(first / "ckpt.pt").iter_num == 5
 
 
+def test_a_machine_that_refuses_to_start_stops_the_other_machines(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """A refusal before the process group (here: a checkpoint a fresh start would replace,
+    only on the second machine) stops that machine's ranks; the first machine's learn it at
+    the start's agreement and stop with exit 2 instead of waiting for them."""
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    common = [f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL]
+    earlier = tmp_path / "earlier"
+    run_trainer(1, [*common, "--max_iters=5", f"--out_dir={earlier}"], tmp_path / "a.log")
+    outs = run_two_machines(
+        [*common, "--max_iters=20", "--run_name=both"],
+        [[f"--out_dir={tmp_path / 'fresh'}"], [f"--out_dir={earlier}"]],
+        tmp_path,
+    )
+    assert [p.terminate() for p in producers] == [0, 0]
+    assert [out.split("\n", 1)[0] for out in outs] == ["exit 2", "exit 2"], outs[0][-3000:]
+    assert "a rank on another machine refused to start" in outs[0], outs[0][-3000:]
+    assert "holds the checkpoint of an earlier run" in outs[1], outs[1][-3000:]
+    assert not any("Traceback" in out for out in outs)
+    assert Checkpoint.load(earlier / "ckpt.pt").iter_num == 5
+
+
 def test_a_weights_digest_tells_copies_from_other_checkpoints(tmp_path):
     config = ModelConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_embd=8)
     torch.manual_seed(0)

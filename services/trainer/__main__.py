@@ -50,6 +50,8 @@ from services.trainer.train import (  # noqa: E402 - after the environment above
     StepFailed,
     Trainer,
     TrainerConfigError,
+    refuse_with_peers,
+    several_machines,
 )
 from shared.contract import ContractMismatch  # noqa: E402 - after the environment above
 from shared.exit_codes import ExitCode  # noqa: E402 - after the environment above
@@ -74,6 +76,30 @@ def _refused(exc: Exception, user: str | None) -> int:
     return ExitCode.CONFIG if isinstance(exc, TrainerConfigError) else ExitCode.CONTRACT
 
 
+def _may_start(settings: TrainerConfig, rank: int) -> tuple[object, str | None]:
+    """Before the process group: rank 0 takes out_dir's lock (returned, to be held), and every
+    rank checks that starting would neither replace a checkpoint nor repeat a diverged run.
+    Why not, if it may not."""
+    lock = None
+    if rank == 0:  # the rank that writes the checkpoint
+        try:
+            lock = hold_out_dir(settings.out_dir)
+        except OutDirInUse as exc:
+            return None, str(exc)
+        except OSError as exc:  # checkpoints could not be written there either
+            return (
+                None,
+                f"out_dir {settings.out_dir} cannot be written ({exc}): choose another --out_dir",
+            )
+        if freed := remove_stale_temporaries(settings.out_dir):
+            log.info("removed %.1f MB of checkpoint writes a killed trainer left", freed / 1e6)
+    # Every rank (after rank 0 took the lock: a live trainer there is named as such).
+    reason = would_replace(
+        settings.out_dir, settings.init_from, settings.model_fields_set
+    ) or diverged_before(settings.out_dir, settings)
+    return lock, reason
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv, service=TrainerConfig)
@@ -83,25 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(settings.log_level, f"trainer[rank{rank}]")
     stop = stop_on_signals(log, "finishing this step, checkpointing, stopping")
-    if rank == 0:  # the rank that writes the checkpoint
-        try:
-            out_dir_lock = hold_out_dir(settings.out_dir)  # noqa: F841 - held while we live
-        except OutDirInUse as exc:
-            log.error("%s", exc)
-            return ExitCode.CONFIG
-        except OSError as exc:  # checkpoints could not be written there either
-            log.error(
-                "out_dir %s cannot be written (%s): choose another --out_dir", settings.out_dir, exc
-            )
-            return ExitCode.CONFIG
-        if freed := remove_stale_temporaries(settings.out_dir):
-            log.info("removed %.1f MB of checkpoint writes a killed trainer left", freed / 1e6)
-    # Every rank (after rank 0 took the lock: a live trainer there is named as such); one
-    # that went on alone would wait for the others in the process group.
-    if reason := would_replace(
-        settings.out_dir, settings.init_from, settings.model_fields_set
-    ) or diverged_before(settings.out_dir, settings):
+    _lock, reason = _may_start(settings, rank)  # rank 0 holds out_dir's lock while it lives
+    if reason:
         log.error("%s", reason)
+        if several_machines():
+            # torchrun stops this machine's ranks, not the others': they would wait for
+            # this one in the process group. Tell them at its first collective.
+            refuse_with_peers(settings)
         return ExitCode.CONFIG
     try:
         trainer = Trainer.start(settings, stop)

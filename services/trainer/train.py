@@ -176,6 +176,32 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, it: int, s: TrainSetting
     return lr
 
 
+# What a rank that refused to start contributes to the start's agreement (Trainer.start).
+REFUSING = -1.0
+
+
+def several_machines() -> bool:
+    """Whether this rank's run spans several machines (torchrun's environment)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+def refuse_with_peers(settings: TrainerConfig) -> None:
+    """For a rank that refused to start, on one of several machines: join the process group
+    and say REFUSING at the start's agreement, so that the other machines' ranks stop with
+    exit 2 instead of waiting for this one. Returns once they know (they reach the agreement
+    once producers published the contract)."""
+    try:
+        _, device = init_distributed(settings.device)
+    except TrainerConfigError:
+        return  # no device to join with: the others wait for the process group's timeout
+    try:
+        flag = torch.tensor([REFUSING], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    finally:
+        dist.destroy_process_group()
+
+
 def wait_for_contract(
     client: redis.Redis,
     keys: StreamKeys,
@@ -287,9 +313,15 @@ class Trainer:
         published = ride_out(lambda: client.get(keys.max_backlog), stop, state)
         if d.enabled:
             # Every rank gives up together, or none does: a rank alone in DDP's
-            # first collective would wait for the others forever.
+            # first collective would wait for the others forever. (A rank on another
+            # machine that refused to start says REFUSING here: refuse_with_peers.)
             have = torch.tensor([float(meta is not None)], device=device)
             dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if have.item() == REFUSING:
+                dist.destroy_process_group()
+                raise TrainerConfigError(
+                    "a rank on another machine refused to start (its log says why): stopping too"
+                )
             if not have.item():
                 meta = None
         if meta is None:
@@ -425,8 +457,9 @@ class Trainer:
     def _agree_on_resume(self) -> Checkpoint | None:
         """Load the checkpoint to resume from, and make sure every rank resumes from the same
         one (iteration and weights), or every rank starts from scratch: each reads ``out_dir``
-        itself, so on several machines it must be one shared directory. Every rank takes the same decision (one small all-reduce): a rank
-        that stopped alone would leave its peers waiting in DDP's first collective."""
+        itself, so on several machines it must be one shared directory. Every rank takes the
+        same decision (one small all-reduce): a rank that stopped alone would leave its peers
+        waiting in DDP's first collective."""
         failure: Exception | None = None
         try:
             resume = self._load_resume()
