@@ -93,7 +93,7 @@ def _may_start(settings: TrainerConfig, rank: int) -> tuple[object, str | None]:
             )
         if freed := remove_stale_temporaries(settings.out_dir):
             log.info("removed %.1f MB of checkpoint writes a killed trainer left", freed / 1e6)
-    # Every rank (after rank 0 took the lock: a live trainer there is named as such).
+    # Every rank (rank 0 after taking the lock: a live trainer there is named as such).
     reason = would_replace(
         settings.out_dir, settings.init_from, settings.model_fields_set
     ) or diverged_before(settings.out_dir, settings)

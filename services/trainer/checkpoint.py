@@ -331,7 +331,7 @@ class Checkpoint:
         for name in sorted(self.model):
             tensor = self.model[name].detach().cpu().contiguous()
             h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+            h.update(tensor.view(-1).view(torch.uint8).numpy())
         return int.from_bytes(h.digest(), "little") >> 2
 
     def last_val_loss(self) -> float | None:

@@ -9,7 +9,7 @@ the same ``out_dir`` (a shared filesystem) for checkpoints and resumes.
 torchrun forwards SIGTERM to its ranks but then exits 1 itself, even when
 every rank checkpointed and exited 0; a container's restart policy or a script
 then sees a failure. This launcher runs torchrun in its own session and, on
-SIGTERM or Ctrl-C, signals the ranks directly: they finish their step,
+SIGTERM, SIGHUP or Ctrl-C, signals the ranks directly: they finish their step,
 checkpoint and exit 0, and torchrun, seeing every rank succeed, exits 0. The
 launcher exits with torchrun's code, or with a rank's own exit code 2 (a setting
 to fix) or 3 (another contract), which torchrun reports as 1. Every
@@ -75,7 +75,8 @@ def _ranks_code(exit_dir: Path, torchrun_code: int) -> int:
     if torchrun_code == 0 or not told:
         return torchrun_code
     code, rank = max(told)
-    print(f"launch: {rank} exited {code} (its log above says why)", file=sys.stderr)
+    with contextlib.suppress(OSError):  # a stderr that is gone must not change the code
+        print(f"launch: {rank} exited {code} (its log above says why)", file=sys.stderr)
     return code
 
 
@@ -263,8 +264,9 @@ def _run(nproc: str, nodes: list[str], settings: list[str], exit_dir: Path) -> i
             )
 
     # Before torchrun starts: a signal in between must not orphan it.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # SIGHUP too: torchrun, in a session of its own, would outlive a closed terminal.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
     torchrun = subprocess.Popen(
         command,
         start_new_session=True,
@@ -272,7 +274,10 @@ def _run(nproc: str, nodes: list[str], settings: list[str], exit_dir: Path) -> i
         stderr=subprocess.PIPE,
     )
     # Unbuffered: a relay still writing when the launcher exits holds no buffer's lock.
-    stderr = open(sys.stderr.fileno(), "wb", buffering=0, closefd=False)  # noqa: SIM115
+    try:
+        stderr = open(2, "wb", buffering=0, closefd=False)  # noqa: SIM115
+    except OSError:  # no stderr at all: read on, keep nothing
+        stderr = open(os.devnull, "wb", buffering=0)  # noqa: SIM115
     relay = threading.Thread(
         target=relay_stderr, args=(torchrun.stderr, stderr), name="stderr", daemon=True
     )
@@ -304,9 +309,11 @@ def _wait(
             # torchrun itself gives its ranks 30 s after a SIGTERM before it kills them.
             return torchrun.wait(timeout=40)
         except subprocess.TimeoutExpired:
-            # torchrun leads its own session: its ranks go with it.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(torchrun.pid, signal.SIGKILL)
+            # Each rank leads a session of its own (torchrun starts them so): kill those
+            # first, then torchrun's.
+            for pid in [*_children(torchrun.pid), torchrun.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
             return torchrun.wait()
 
 

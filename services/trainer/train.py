@@ -195,11 +195,18 @@ def refuse_with_peers(settings: TrainerConfig) -> None:
         _, device = init_distributed(settings.device)
     except TrainerConfigError:
         return  # no device to join with: the others wait for the process group's timeout
+    except Exception as exc:  # the others went away first, say: this rank's exit code stands
+        log.warning("could not tell the other ranks (%s: %s)", type(exc).__name__, exc)
+        return
     try:
         flag = torch.tensor([REFUSING], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag.item()  # done on the device (NCCL returns once queued), before leaving the group
+    except Exception as exc:
+        log.warning("could not tell the other ranks (%s: %s)", type(exc).__name__, exc)
     finally:
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def wait_for_contract(
@@ -320,7 +327,7 @@ class Trainer:
             if have.item() == REFUSING:
                 dist.destroy_process_group()
                 raise TrainerConfigError(
-                    "a rank on another machine refused to start (its log says why): stopping too"
+                    "another rank refused to start (its log says why): stopping too"
                 )
             if not have.item():
                 meta = None
@@ -342,7 +349,8 @@ class Trainer:
         except BaseException:
             # Leave the process group, or the process aborts at exit ("terminate called
             # without an active exception"). Ranks refuse alike where they agree first (the
-            # resume); any other failure here stops this rank alone, and torchrun the rest.
+            # resume); any other failure here stops this rank alone, and torchrun the rest of
+            # its machine (other machines' ranks wait in DDP's first collective).
             if d.enabled:
                 with contextlib.suppress(Exception):
                     dist.destroy_process_group()
@@ -461,17 +469,22 @@ class Trainer:
         same decision (one small all-reduce): a rank that stopped alone would leave its peers
         waiting in DDP's first collective."""
         failure: Exception | None = None
+        digest = -1
         try:
             resume = self._load_resume()
+            if resume is not None:
+                digest = resume.weights_digest()
         except (CheckpointError, ContractMismatch) as exc:
             failure, resume = exc, None
+        except Exception as exc:  # weights that cannot be hashed: not a checkpoint we resume
+            failure = CheckpointError(f"checkpoint {self.ckpt_path} cannot be resumed: {exc}")
+            resume = None
         if not self.d.enabled:
             if failure is not None:
                 raise failure
             return resume
         # Every value and its negation under one MAX: the largest and the smallest.
         it = -1 if resume is None else resume.iter_num
-        digest = -1 if resume is None else resume.weights_digest()
         values = [int(failure is not None), it, -it, digest, -digest]
         found = torch.tensor(values, dtype=torch.long, device=self.device)
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
