@@ -208,24 +208,28 @@ def test_machines_that_resume_from_different_checkpoints_refuse_together(
     assert Checkpoint.load(first / "ckpt.pt").iter_num == 5
 
 
+@pytest.mark.parametrize("refusing", ["the second machine", "every machine"])
 def test_a_machine_that_refuses_to_start_stops_the_other_machines(
-    redis7, shakespeare, start_producer, tmp_path
+    redis7, shakespeare, start_producer, tmp_path, refusing
 ):
-    """A refusal before the process group (here: a checkpoint a fresh start would replace,
-    only on the second machine) stops that machine's ranks; the first machine's learn it at
-    the start's agreement and stop with exit 2 instead of waiting for them."""
+    """A refusal before the process group (here: a checkpoint a fresh start would replace)
+    stops that machine's ranks; the other machines' learn it at the start's agreement and
+    stop with exit 2 instead of waiting for them. When every rank refuses, they agree at
+    once."""
     producers = start_two_producers(start_producer, redis7.url, shakespeare)
     common = [f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL]
     earlier = tmp_path / "earlier"
     run_trainer(1, [*common, "--max_iters=5", f"--out_dir={earlier}"], tmp_path / "a.log")
+    first = earlier if refusing == "every machine" else tmp_path / "fresh"
     outs = run_two_machines(
         [*common, "--max_iters=20", "--run_name=both"],
-        [[f"--out_dir={tmp_path / 'fresh'}"], [f"--out_dir={earlier}"]],
+        [[f"--out_dir={first}"], [f"--out_dir={earlier}"]],
         tmp_path,
     )
     assert [p.terminate() for p in producers] == [0, 0]
     assert [out.split("\n", 1)[0] for out in outs] == ["exit 2", "exit 2"], outs[0][-3000:]
-    assert "another rank refused to start" in outs[0], outs[0][-3000:]
+    told = "another rank refused to start" if refusing == "the second machine" else "holds the"
+    assert told in outs[0], outs[0][-3000:]
     assert "holds the checkpoint of an earlier run" in outs[1], outs[1][-3000:]
     assert not any("Traceback" in out for out in outs)
     assert Checkpoint.load(earlier / "ckpt.pt").iter_num == 5
