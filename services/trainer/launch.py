@@ -225,7 +225,7 @@ def relay_stderr(source: IO[bytes], sink: IO[bytes]) -> None:
 
 def _run(nproc: str, nodes: list[str], settings: list[str], exit_dir: Path) -> int:
     """torchrun with ``nproc`` ranks here (``nodes``: its arguments for the machines of
-    the run), stopped cleanly on SIGTERM or Ctrl-C; its code."""
+    the run), stopped cleanly on SIGTERM, SIGHUP or Ctrl-C; its code."""
     command = [
         sys.executable,
         "-m",
