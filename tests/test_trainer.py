@@ -213,16 +213,16 @@ def test_a_machine_that_refuses_to_start_stops_the_other_machines(
     redis7, shakespeare, start_producer, tmp_path, refusing
 ):
     """A refusal before the process group (here: a checkpoint a fresh start would replace)
-    stops that machine's ranks; the other machines' learn it at the start's agreement and
-    stop with exit 2 instead of waiting for them. When every rank refuses, they agree at
-    once."""
+    stops that machine's ranks; the other machines' learn it as soon as all have joined, and
+    stop with exit 2 instead of waiting for them, even with no contract published yet (an
+    empty namespace)."""
     producers = start_two_producers(start_producer, redis7.url, shakespeare)
     common = [f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL]
     earlier = tmp_path / "earlier"
     run_trainer(1, [*common, "--max_iters=5", f"--out_dir={earlier}"], tmp_path / "a.log")
     first = earlier if refusing == "every machine" else tmp_path / "fresh"
     outs = run_two_machines(
-        [*common, "--max_iters=20", "--run_name=both"],
+        [*common, "--max_iters=20", "--run_name=both", "--namespace=nothing_yet"],
         [[f"--out_dir={first}"], [f"--out_dir={earlier}"]],
         tmp_path,
     )

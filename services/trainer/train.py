@@ -176,21 +176,25 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, it: int, s: TrainSetting
     return lr
 
 
-# What a rank that refused to start contributes to the start's agreement (Trainer.start).
-REFUSING = -1.0
-
-
 def several_machines() -> bool:
     """Whether this rank's run spans several machines (torchrun's environment)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
+def agree_to_start(device: torch.device, refusing: bool) -> bool:
+    """The first collective of every rank, right after joining the process group: whether
+    every rank may start (False: some rank refused, see :func:`refuse_with_peers`). Waits
+    for this rank's part to be done on the device (NCCL returns once it is queued)."""
+    flag = torch.tensor([0.0 if refusing else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def refuse_with_peers(settings: TrainerConfig) -> None:
     """For a rank that refused to start, on one of several machines: join the process group
-    and say REFUSING at the start's agreement, so that the other machines' ranks stop with
-    exit 2 instead of waiting for this one. Returns once they know (they reach the agreement
-    once producers published the contract)."""
+    and say so at the start's agreement, so that the other machines' ranks stop with exit 2
+    at once instead of waiting for this one (torchrun stops only this machine's ranks)."""
     try:
         _, device = init_distributed(settings.device)
     except TrainerConfigError:
@@ -199,9 +203,7 @@ def refuse_with_peers(settings: TrainerConfig) -> None:
         log.warning("could not tell the other ranks (%s: %s)", type(exc).__name__, exc)
         return
     try:
-        flag = torch.tensor([REFUSING], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        flag.item()  # done on the device (NCCL returns once queued), before leaving the group
+        agree_to_start(device, refusing=True)
     except Exception as exc:
         log.warning("could not tell the other ranks (%s: %s)", type(exc).__name__, exc)
     finally:
@@ -313,6 +315,11 @@ class Trainer:
         None when asked to stop before producers published it. Raises
         ``CheckpointError`` or ``ContractMismatch`` when resuming is impossible."""
         d, device = init_distributed(settings.device)
+        if d.enabled and not agree_to_start(device, refusing=False):
+            dist.destroy_process_group()
+            raise TrainerConfigError(
+                "another rank refused to start (its log says why): stopping too"
+            )
         client = client_for(settings, block_s=1.0)
         keys = StreamKeys(settings.namespace)
         state = RedisState(f"trainer rank{d.rank}", on_change=metrics.redis_up)
@@ -320,15 +327,9 @@ class Trainer:
         published = ride_out(lambda: client.get(keys.max_backlog), stop, state)
         if d.enabled:
             # Every rank gives up together, or none does: a rank alone in DDP's
-            # first collective would wait for the others forever. (A rank on another
-            # machine that refused to start says REFUSING here: refuse_with_peers.)
+            # first collective would wait for the others forever.
             have = torch.tensor([float(meta is not None)], device=device)
             dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if have.item() == REFUSING:
-                dist.destroy_process_group()
-                raise TrainerConfigError(
-                    "another rank refused to start (its log says why): stopping too"
-                )
             if not have.item():
                 meta = None
         if meta is None:
