@@ -235,6 +235,27 @@ def test_a_machine_that_refuses_to_start_stops_the_other_machines(
     assert Checkpoint.load(earlier / "ckpt.pt").iter_num == 5
 
 
+def test_a_machine_that_redis_refuses_stops_the_other_machines(
+    redis7, shakespeare, start_producer, tmp_path
+):
+    """A refusal while waiting for the contract (here: the second machine's namespace holds
+    a contract that is not JSON) reaches every rank at the contract's agreement: that rank
+    exits 3 with its reason, the other machine's with exit 2 instead of waiting for it."""
+    producers = start_two_producers(start_producer, redis7.url, shakespeare)
+    redis7.client().set(StreamKeys("broken").meta, b"{not json")
+    common = [f"--redis_url={redis7.url}", f"--corpus_path={shakespeare}", *SMALL]
+    outs = run_two_machines(
+        [*common, "--max_iters=20", f"--out_dir={tmp_path / 'run'}"],
+        [[], ["--namespace=broken"]],
+        tmp_path,
+    )
+    assert [p.terminate() for p in producers] == [0, 0]
+    assert [out.split("\n", 1)[0] for out in outs] == ["exit 2", "exit 3"], outs[0][-3000:]
+    assert "another rank was refused by Redis or found a malformed contract" in outs[0]
+    assert "stored meta is not JSON" in outs[1], outs[1][-3000:]
+    assert not any("Traceback" in out for out in outs)
+
+
 def test_a_weights_digest_tells_copies_from_other_checkpoints(tmp_path):
     config = ModelConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_embd=8)
     torch.manual_seed(0)

@@ -323,15 +323,28 @@ class Trainer:
         client = client_for(settings, block_s=1.0)
         keys = StreamKeys(settings.namespace)
         state = RedisState(f"trainer rank{d.rank}", on_change=metrics.redis_up)
-        meta = wait_for_contract(client, keys, stop, state)
-        published = ride_out(lambda: client.get(keys.max_backlog), stop, state)
+        refused: Exception | None = None
+        try:
+            meta = wait_for_contract(client, keys, stop, state)
+            published = ride_out(lambda: client.get(keys.max_backlog), stop, state)
+        except (ContractMismatch, *REFUSED) as exc:  # credentials, a malformed contract
+            refused, meta, published = exc, None, None
         if d.enabled:
-            # Every rank gives up together, or none does: a rank alone in DDP's
-            # first collective would wait for the others forever.
-            have = torch.tensor([float(meta is not None)], device=device)
+            # Every rank gives up together, or none does: a rank alone in DDP's first
+            # collective would wait for the others forever (-1: a rank was refused, 0: a
+            # rank was asked to stop first, 1: every rank has the contract).
+            have = torch.tensor([-1.0 if refused else float(meta is not None)], device=device)
             dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if have.item() < 0:
+                dist.destroy_process_group()
+                raise refused or TrainerConfigError(
+                    "another rank was refused by Redis or found a malformed contract (its log "
+                    "says why): stopping too"
+                )
             if not have.item():
                 meta = None
+        if refused is not None:
+            raise refused
         if meta is None:
             if d.enabled:
                 dist.destroy_process_group()
