@@ -313,7 +313,8 @@ class Trainer:
     def start(cls, settings: TrainerConfig, stop: threading.Event) -> Trainer | None:
         """Join the process group, connect to Redis and wait for the contract;
         None when asked to stop before producers published it. Raises
-        ``CheckpointError`` or ``ContractMismatch`` when resuming is impossible."""
+        ``CheckpointError`` or ``ContractMismatch`` when resuming is impossible, Redis's
+        refusal, and ``TrainerConfigError`` when another rank refused (every rank stops)."""
         d, device = init_distributed(settings.device)
         if d.enabled and not agree_to_start(device, refusing=False):
             dist.destroy_process_group()
