@@ -182,13 +182,18 @@ def several_machines() -> bool:
     return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
+def least_over_ranks(value: float, device: torch.device) -> float:
+    """The smallest of every rank's ``value`` (one all-reduce), read back: so it also waits
+    until this rank's earlier work on the device is done (NCCL returns once queued)."""
+    flag = torch.tensor([value], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item()
+
+
 def agree_to_start(device: torch.device, refusing: bool) -> bool:
     """The first collective of every rank, right after joining the process group: whether
-    every rank may start (False: some rank refused, see :func:`refuse_with_peers`). Waits
-    for this rank's part to be done on the device (NCCL returns once it is queued)."""
-    flag = torch.tensor([0.0 if refusing else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    every rank may start (False: some rank refused, see :func:`refuse_with_peers`)."""
+    return bool(least_over_ranks(0.0 if refusing else 1.0, device))
 
 
 def refuse_with_peers(settings: TrainerConfig) -> None:
@@ -334,15 +339,14 @@ class Trainer:
             # Every rank gives up together, or none does: a rank alone in DDP's first
             # collective would wait for the others forever (-1: a rank was refused, 0: a
             # rank was asked to stop first, 1: every rank has the contract).
-            have = torch.tensor([-1.0 if refused else float(meta is not None)], device=device)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if have.item() < 0:
+            have = least_over_ranks(-1.0 if refused else float(meta is not None), device)
+            if have < 0:
                 dist.destroy_process_group()
                 raise refused or TrainerConfigError(
                     "another rank was refused by Redis or found a malformed contract (its log "
                     "says why): stopping too"
                 )
-            if not have.item():
+            if not have:
                 meta = None
         if refused is not None:
             raise refused
@@ -867,9 +871,8 @@ class Trainer:
         (every rank gets the same answer)."""
         if not self.d.enabled:
             return ready
-        flag = torch.tensor([float(ready)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())  # this read-back is what makes acking step N-1 safe
+        # The read-back inside is what makes acking step N-1 safe.
+        return bool(least_over_ranks(float(ready), self.device))
 
     def _publish_stage(self) -> None:
         """Tell producers the active stage, waiting out a Redis outage."""
